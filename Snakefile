@@ -14,7 +14,7 @@ configfile: "config.yaml"
 
 
 try:
-    CFG = Config(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
+    CFG = Config(config)
 except PoisonflowError as error:
     raise WorkflowError(f"config: {error}") from None
 

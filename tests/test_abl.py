@@ -296,9 +296,8 @@ def test_schema_defaults_equal_the_module_defaults():
         "defenses": {"x": {"kind": "abl"}},
         "experiments": [{"dataset": ["digits"], "attack": ["a"], "training": ["t"], "defense": ["x"], "seed": [0]}],
     }
-    schema = REPO / "workflow" / "schemas" / "config.schema.yaml"
-    spec = config.load(copy.deepcopy(raw), schema).defense("x")
+    spec = config.load(copy.deepcopy(raw)).defense("x")
     assert {key: value for key, value in spec.items() if key != "kind"} == abl.DEFAULTS
     raw["defenses"]["x"]["isolation"] = {"adversarial": {"eps": 0.03, "step": 0.01, "steps": 2}}
     with pytest.raises(ConfigError, match="defenses.x.isolation.adversarial"):
-        config.load(raw, schema)
+        config.load(raw)

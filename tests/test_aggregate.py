@@ -1,5 +1,3 @@
-import json
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,18 +14,11 @@ def test_nder_formula():
     assert nder({"asr": 0.0, "acc": 0.8}, {"asr": 0.0, "acc": 0.8}) is None
 
 
-def write(results, attack, defense, seed, metrics):
-    path = results / "defenses" / "digits" / attack / "quick" / f"seed{seed}" / defense / "metrics.json"
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps(metrics))
-    return path
-
-
-def test_tidy_table_summary_and_outputs(tmp_path):
-    results = tmp_path / "results"
-    paths = [write(results, "badnets", "none", s, {"acc": a, "asr": r, "device": "cpu", "train_seconds": 3.0})
+def test_tidy_table_summary_and_outputs(results_dir, write_metrics):
+    results = results_dir
+    paths = [write_metrics(results, {"acc": a, "asr": r, "device": "cpu", "train_seconds": 3.0}, seed=s)
              for s, a, r in [(0, 0.9, 1.0), (1, 0.8, 0.96), (2, 0.85, 0.98)]]
-    paths.append(write(results, "badnets", "aabl", 0, {"acc": 0.7, "asr": 0.1, "gamma": 0.8}))
+    paths.append(write_metrics(results, {"acc": 0.7, "asr": 0.1, "gamma": 0.8}, defense="aabl"))
     table = aggregate.tidy(paths, results)
     assert list(table.columns) == ["dataset", "attack", "training", "defense", "seed", "metric", "value"]
     assert len(table) == 2 * 3 + 3 and set(table["metric"]) == {"acc", "asr", "gamma"}

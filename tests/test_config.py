@@ -10,7 +10,6 @@ from poisonflow import config
 from poisonflow.errors import ConfigError, PoisonflowError
 from workflow_utils import REPO, snakemake, write_config
 
-SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 BASE = {
     "datasets": {"digits": {"source": "digits"}},
     "models": {"m": {"arch": "convnet", "width": 4}},
@@ -25,7 +24,7 @@ def load(change=None):
     raw = copy.deepcopy(BASE)
     if change:
         change(raw)
-    return config.load(raw, SCHEMA)
+    return config.load(raw)
 
 
 def test_defaults_are_filled():
@@ -115,4 +114,4 @@ def test_bad_config_stops_snakemake_before_any_job(tmp_path):
 
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
-        config.load(tmp_path / "nope.yaml", SCHEMA)
+        config.load(tmp_path / "nope.yaml")

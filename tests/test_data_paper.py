@@ -39,7 +39,6 @@ from poisonflow.stages import data as data_stage
 from poisonflow.store import StoreWriter, read_store, samples_per_chunk, write_store
 from workflow_utils import REPO
 
-SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 
 
 def file_md5(path: Path) -> str:
@@ -117,7 +116,7 @@ def test_schema_fills_only_the_shared_dataset_defaults():
     raw = {"datasets": {"f": {"source": "imagefolder", "root": "/x"}}, "models": {"m": {"arch": "convnet"}},
            "trainings": {"t": {"model": "m"}}, "attacks": {"a": {"kind": "badnets"}}, "defenses": {"n": {"kind": "none"}},
            "experiments": [{"dataset": ["f"], "attack": ["a"], "training": ["t"], "defense": ["n"], "seed": [0]}]}
-    entry = validate(raw, SCHEMA)["datasets"]["f"]
+    entry = validate(raw)["datasets"]["f"]
     # Source-specific defaults (train_dir, image_size, ...) live in the source modules, so other
     # sources' resolved entries do not carry them.
     assert entry == {"source": "imagefolder", "root": "/x", "download": False, "split_seed": 0,

@@ -495,7 +495,6 @@ def test_sentinet_points_of_triggered_inputs_are_fully_fooled():
 
 # --- config ---------------------------------------------------------------------------------------
 
-SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 MODULES = {"nad": nad, "shrinkpad": shrinkpad, "autoencoder": autoencoder, "strip": strip, "sentinet": sentinet}
 
 
@@ -509,7 +508,7 @@ def load_config(defenses: dict):
         "experiments": [{"dataset": ["digits"], "attack": ["a"], "training": ["t"], "defense": list(defenses),
                          "seed": [0]}],
     }
-    return config.load(raw, SCHEMA)
+    return config.load(raw)
 
 
 def test_schema_defaults_equal_the_modules_defaults():
@@ -561,7 +560,7 @@ def test_defense_stage_scores_the_detectors_and_runs_every_kind(tmp_path):
     root = results / "defenses/digits/badnets/fast/seed0"
     targets = [f"results/defenses/digits/badnets/fast/seed0/{name}/metrics.json" for name in ("strip", "sentinet")]
     snakemake(tmp_path, *targets)  # the two defense jobs and what they need, no aggregate
-    cfg = config.load(tmp_path / "config.yaml", SCHEMA)
+    cfg = config.load(tmp_path / "config.yaml")
     for name in ("shrinkpad", "ae", "nad"):
         code = main(["defense", "--name", name, "--spec", json.dumps(cfg.defense(name)),
                      "--training", json.dumps(cfg.training("fast")), "--evaluation", json.dumps(cfg.evaluation()),

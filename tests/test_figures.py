@@ -1,5 +1,5 @@
 """Figure functions on hand-made inputs, the report views of the aggregate stage, the efficiency
-table from benchmark files, and the two figure jobs on tiny stores."""
+table from benchmark files, and the figures stage's two kinds on tiny stores."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from poisonflow import figures
+from poisonflow.cli import main
 from poisonflow.errors import ConfigError
 from poisonflow.stages import aggregate
+from poisonflow.stages import figures as figure_stage
 
-REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -65,52 +65,42 @@ def test_class_forgetting_events_counts_per_class():
     # epochs × samples; sample 0: 1→0→1→0 (2 events), 1: never correct (max = 4 epochs), 2: always correct
     correct = np.array([[1, 0, 1, 1], [0, 0, 1, 0], [1, 0, 1, 0], [0, 0, 1, 0]], dtype=bool)
     labels = np.array([0, 0, 1, 0])
-    assert figures.class_forgetting_events(correct, labels, 0).tolist() == [2, 4, 1]
-    assert figures.class_forgetting_events(correct, labels, 1).tolist() == [0]
+    assert figure_stage.class_forgetting_events(correct, labels, 0).tolist() == [2, 4, 1]
+    assert figure_stage.class_forgetting_events(correct, labels, 1).tolist() == [0]
     with pytest.raises(ValueError, match="dynamics cover 4 samples"):
-        figures.class_forgetting_events(correct, labels[:3], 0)
+        figure_stage.class_forgetting_events(correct, labels[:3], 0)
 
 
 def test_panel_sample_keeps_every_poisoned_sample_and_a_seeded_benign_draw():
     poisoned = np.zeros(100, bool)
     poisoned[[3, 50, 97]] = True
-    shown = figures.panel_sample(poisoned, 10, seed=4)
+    shown = figure_stage.panel_sample(poisoned, 10, seed=4)
     assert len(shown) == 13 and set(np.flatnonzero(poisoned)) <= set(shown) and np.all(np.diff(shown) > 0)
-    assert np.array_equal(shown, figures.panel_sample(poisoned, 10, seed=4))
-    assert len(figures.panel_sample(poisoned, 1000, seed=0)) == 100  # capped at what exists
+    assert np.array_equal(shown, figure_stage.panel_sample(poisoned, 10, seed=4))
+    assert len(figure_stage.panel_sample(poisoned, 1000, seed=0)) == 100  # capped at what exists
 
 
 # --------------------------------------------------------------------------------------------
 # the figures: config section
 # --------------------------------------------------------------------------------------------
 
-def schema_figure_defaults() -> dict:
-    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
-    out = {}
-    for branch in schema["properties"]["figures"]["additionalProperties"]["allOf"]:
-        kind = branch["if"]["properties"]["kind"]["const"]
-        out[kind] = {k: v["default"] for k, v in branch["then"]["properties"].items()
-                     if isinstance(v, dict) and "default" in v}
-    return out
+def test_the_stage_has_one_job_per_schema_kind_and_no_defaults_of_its_own(config_schema):
+    entry = config_schema["properties"]["figures"]["additionalProperties"]
+    kinds = [branch["if"]["properties"]["kind"]["const"] for branch in entry["allOf"]]
+    assert entry["properties"]["kind"]["enum"] == kinds == list(figure_stage.KINDS)
+    # the kinds' defaults live in the schema only: the jobs read them from the validated entry
+    assert not hasattr(figure_stage, "DEFAULTS") and not hasattr(figures, "DEFAULTS")
 
 
-def test_defaults_equal_the_schema():
-    assert figures.DEFAULTS == schema_figure_defaults()
-
-
-def test_schema_fills_figure_defaults_and_rejects_unknown_keys():
-    from poisonflow.config import validate
-
-    base = yaml.safe_load((REPO / "config.yaml").read_text())
-    config = validate({**base, "figures": {"f": {"kind": "forgetting", "dataset": "digits", "surrogate": "clean"},
-                                           "t": {"kind": "tsne", "dataset": "digits", "training": "quick",
-                                                 "attacks": ["badnets"]}}},
-                      REPO / "workflow/schemas/config.schema.yaml")
+def test_schema_fills_figure_defaults_and_rejects_unknown_keys(tiny_config, validate_config):
+    config = validate_config({**tiny_config, "figures": {
+        "f": {"kind": "forgetting", "dataset": "digits", "surrogate": "s"},
+        "t": {"kind": "tsne", "dataset": "digits", "training": "t", "attacks": ["a"]}}})
     assert config["figures"]["f"]["class"] == 0
     assert config["figures"]["t"]["samples"] == 1000 and config["figures"]["t"]["perplexity"] == 30.0
     with pytest.raises(ConfigError, match=r"figures\.f: unknown key \('bins'"):
-        validate({**base, "figures": {"f": {"kind": "forgetting", "dataset": "digits", "surrogate": "clean",
-                                            "bins": 3}}}, REPO / "workflow/schemas/config.schema.yaml")
+        validate_config({**tiny_config, "figures": {"f": {"kind": "forgetting", "dataset": "digits",
+                                                          "surrogate": "s", "bins": 3}}})
 
 
 def test_check_figures_names_the_key():
@@ -118,45 +108,34 @@ def test_check_figures_names_the_key():
               "figures": {"f": {"kind": "forgetting", "dataset": "d", "surrogate": "s", "class": 9}}}
     describe = lambda name: {"train_counts": [5, 5, 5]}  # noqa: E731
     with pytest.raises(ConfigError, match=r"figures\.f\.class: class 9 is outside dataset 'd' \(3 classes"):
-        figures.check_figures(config, describe)
+        figure_stage.check_figures(config, describe)
     config["figures"] = {"g": {"kind": "tsne", "dataset": "d", "training": "t", "attacks": ["a", "b"]}}
     with pytest.raises(ConfigError, match=r"figures\.g\.attacks\[1\]: no attacks entry named 'b'"):
-        figures.check_figures(config, describe)
+        figure_stage.check_figures(config, describe)
     config["figures"] = {"g": {"kind": "forgetting", "dataset": "d", "surrogate": "x", "class": 0}}
     with pytest.raises(ConfigError, match=r"figures\.g\.surrogate: no surrogates entry named 'x'"):
-        figures.check_figures(config, describe)
+        figure_stage.check_figures(config, describe)
 
 
 # --------------------------------------------------------------------------------------------
 # figure jobs on tiny artifacts
 # --------------------------------------------------------------------------------------------
 
-def tiny_store(path: Path, n: int = 40, poisoned_count: int = 4):
-    from poisonflow.store import write_store
-
-    rng = np.random.default_rng(0)
-    labels = np.arange(n) % 2
-    poisoned = np.zeros(n, bool)
-    poisoned[:poisoned_count] = True
-    arrays = {"train/images": rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), "train/labels": labels,
-              "train/poisoned": poisoned, "train/true_labels": labels, "test/images": np.zeros((2, 8, 8, 3), np.uint8),
-              "test/labels": np.zeros(2, np.int64)}
-    write_store(path, arrays, {"classes": ["a", "b"]})
-    return labels
-
-
-def test_forgetting_job_draws_from_dynamics(tmp_path):
-    labels = tiny_store(tmp_path / "clean.zarr")
+def test_forgetting_job_draws_from_dynamics(tmp_path, tiny_store, capsys):
+    labels = tiny_store(tmp_path / "clean.zarr")["train/labels"]
     correct = np.random.default_rng(1).random((5, len(labels))) > 0.3
     np.savez(tmp_path / "dynamics.npz", correct=correct, loss=np.zeros(correct.shape))
-    code = figures.main(["forgetting", "--spec", json.dumps({"kind": "forgetting", "dataset": "d", "surrogate": "s",
-                                                             "class": 1}),
-                         "--clean", str(tmp_path / "clean.zarr"), "--dynamics", str(tmp_path / "dynamics.npz"),
-                         "--out", str(tmp_path / "out" / "f.png")])
+    spec = json.dumps({"kind": "forgetting", "dataset": "d", "surrogate": "s", "class": 1})
+    code = main(["figures", "--spec", spec, "--clean", str(tmp_path / "clean.zarr"),
+                 "--dynamics", str(tmp_path / "dynamics.npz"), "--out", str(tmp_path / "out" / "f.png")])
     assert code == 0 and is_png(tmp_path / "out" / "f.png")
+    # the kind's inputs are required: one line naming what is missing
+    capsys.readouterr()
+    assert main(["figures", "--spec", spec, "--clean", str(tmp_path / "clean.zarr"), "--out", "x.png"]) == 2
+    assert capsys.readouterr().err == "poisonflow figures: error: --spec: a forgetting figure needs --dynamics\n"
 
 
-def test_tsne_job_draws_one_panel_per_victim(tmp_path):
+def test_tsne_job_draws_one_panel_per_victim(tmp_path, tiny_store):
     import torch
 
     from poisonflow.models import build_model
@@ -168,14 +147,14 @@ def test_tsne_job_draws_one_panel_per_victim(tmp_path):
     torch.manual_seed(0)
     spec = {"kind": "tsne", "dataset": "d", "training": "t", "attacks": ["a", "b"], "seed": 0, "samples": 20,
             "perplexity": 5.0}
-    code = figures.main(["tsne", "--spec", json.dumps(spec), "--training", json.dumps({"model": model_spec}),
-                         "--names", "a", "b", "--poison", str(tmp_path / "p.zarr"), str(tmp_path / "p.zarr"),
-                         "--victims", str(tmp_path / "model.pt"), str(tmp_path / "model.pt"),
-                         "--out", str(tmp_path / "t.png")])
+    code = main(["figures", "--spec", json.dumps(spec), "--training", json.dumps({"model": model_spec}),
+                 "--names", "a", "b", "--poison", str(tmp_path / "p.zarr"), str(tmp_path / "p.zarr"),
+                 "--victims", str(tmp_path / "model.pt"), str(tmp_path / "model.pt"),
+                 "--out", str(tmp_path / "t.png")])
     assert code == 0 and is_png(tmp_path / "t.png")
-    assert figures.main(["tsne", "--spec", json.dumps(spec), "--training", json.dumps({"model": model_spec}),
-                         "--names", "a", "b", "--poison", str(tmp_path / "p.zarr"), "--victims",
-                         str(tmp_path / "model.pt"), "--out", str(tmp_path / "u.png")]) == 2
+    assert main(["figures", "--spec", json.dumps(spec), "--training", json.dumps({"model": model_spec}),
+                 "--names", "a", "b", "--poison", str(tmp_path / "p.zarr"), "--victims",
+                 str(tmp_path / "model.pt"), "--out", str(tmp_path / "u.png")]) == 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,8 +263,8 @@ def write_benchmark(results: Path, dataset: str, attack: str, seed: int, seconds
     return path
 
 
-def test_efficiency_table_from_benchmark_files(tmp_path):
-    results = tmp_path / "results"
+def test_efficiency_table_from_benchmark_files(results_dir):
+    results = results_dir
     paths = [write_benchmark(results, "c10", "EM", 0, [1300.0]), write_benchmark(results, "c10", "EM", 1, [1500.0]),
              write_benchmark(results, "c10", "TriggerUE", 0, [700.0, 900.0]),  # repeats: their mean
              write_benchmark(results, "svhn", "TriggerUE", 0, [30.0])]
@@ -301,8 +280,8 @@ def test_efficiency_table_from_benchmark_files(tmp_path):
         aggregate.parse_benchmark_path(results / "benchmarks" / "poison" / "c10" / "x.tsv", results)
 
 
-def test_run_writes_the_report_views(tmp_path):
-    results = tmp_path / "results"
+def test_run_writes_the_report_views(results_dir, write_metrics):
+    results = results_dir
     attacks = {f"{s}-{r}": backdoor(selection=s, rate=r, surrogate_arch=None if s == "random" else "resnet18")
                for s in ("random", "loss") for r in (0.1, 0.2)}
     attacks["EM"] = {"kind": "em", "rate": 1.0}
@@ -312,10 +291,7 @@ def test_run_writes_the_report_views(tmp_path):
             metrics = {"acc": 0.9 + seed / 100}
             if name != "EM":
                 metrics["asr"] = 0.5 + seed / 10
-            path = results / "defenses" / "c10" / name / "r18" / f"seed{seed}" / "none" / "metrics.json"
-            path.parent.mkdir(parents=True)
-            path.write_text(json.dumps(metrics))
-            paths.append(str(path))
+            paths.append(str(write_metrics(results, metrics, "c10", name, "r18", seed)))
             benches.append(str(write_benchmark(results, "c10", name, seed, [10.0 + seed])))
     stale = results / "report" / "transfer_loss.png"
     stale.parent.mkdir(parents=True)

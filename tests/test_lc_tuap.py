@@ -257,7 +257,6 @@ def test_clean_label_poisoning_keeps_labels(data, surrogate, spec):
     assert (arrays["test/labels"] == target).all() and (arrays["test/true_labels"] != target).all()
 
 
-SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 BASE = {
     "datasets": {"digits": {"source": "digits"}},
     "models": {"m": {"arch": "convnet", "width": 4}},
@@ -270,7 +269,7 @@ BASE = {
 
 
 def test_schema_defaults_equal_the_modules_defaults():
-    cfg = config.load(copy.deepcopy(BASE), SCHEMA)
+    cfg = config.load(copy.deepcopy(BASE))
     for name, module in (("l", lc), ("u", tuap)):
         attack = cfg.attack(name)
         assert {key: attack[key] for key in module.DEFAULTS} == module.DEFAULTS
@@ -289,7 +288,7 @@ def test_bad_entries_name_the_key(change, message):
     raw = copy.deepcopy(BASE)
     change(raw)
     with pytest.raises(ConfigError, match=message):
-        config.load(raw, SCHEMA)
+        config.load(raw)
 
 
 # --- end to end -----------------------------------------------------------------------------

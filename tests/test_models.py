@@ -3,7 +3,7 @@ channel mask), stems, published channel counts, and per-sample gradient norms.""
 
 from __future__ import annotations
 
-import copy
+import json
 
 import pytest
 import torch
@@ -11,12 +11,11 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from poisonflow import config, models
+from poisonflow import models
 from poisonflow.architectures import ARCHITECTURES
 from poisonflow.errors import ConfigError
 from poisonflow.models import PreActBlock, build_model
 from poisonflow.scores import per_sample_grad_norms, per_sample_grad_norms_loop
-from workflow_utils import REPO
 
 torch.set_num_threads(1)
 
@@ -34,7 +33,6 @@ FEATURE_MAPS_32PX = {
     "densenet121": (128, 4),  # 8 + 6·4 → 16 + 12·4 → 32 + 24·4 → 64 + 16·4 (growth rate 4)
 }
 WITH_STEM = ["resnet18", "resnet34", "preact_resnet18", "mobilenetv2", "densenet121"]
-SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 
 
 def batch(size: int, n: int = 6, seed: int = 0):
@@ -225,23 +223,14 @@ def test_bad_model_specs_name_the_key(spec, size, message):
         build_model(dict(spec, width=4), 3, size)
 
 
-BASE_CONFIG = {
-    "datasets": {"digits": {"source": "digits"}},
-    "models": {"m": {"arch": "densenet121"}},
-    "trainings": {"t": {"model": "m"}},
-    "attacks": {"a": {"kind": "badnets"}},
-    "defenses": {"n": {"kind": "none"}},
-    "experiments": [{"dataset": ["digits"], "attack": ["a"], "training": ["t"], "defense": ["n"], "seed": [0]}],
-}
-
-
-def test_schema_defaults_equal_the_module_defaults_and_stems_are_checked():
-    assert config.validate(copy.deepcopy(BASE_CONFIG), SCHEMA)["models"]["m"] == dict(models.DEFAULTS, arch="densenet121")
-    raw = copy.deepcopy(BASE_CONFIG)
+def test_schema_defaults_equal_the_module_defaults_and_stems_are_checked(tiny_config, validate_config, config_schema):
+    raw = tiny_config
+    raw["models"]["m"] = {"arch": "densenet121"}
+    assert validate_config(raw)["models"]["m"] == dict(models.DEFAULTS, arch="densenet121")
     raw["models"]["m"] = {"arch": "vgg16", "stem": "cifar"}
     with pytest.raises(ConfigError, match=r"^models\.m\.stem: 'cifar' is not one of \[\]"):
-        config.validate(raw, SCHEMA)
+        validate_config(raw)
     raw["models"]["m"] = {"arch": "mobilenetv2", "stem": "imagenet"}
-    assert config.validate(raw, SCHEMA)["models"]["m"]["stem"] == "imagenet"
-    schema_text = SCHEMA.read_text()  # every registered arch is named in the schema's description
+    assert validate_config(raw)["models"]["m"]["stem"] == "imagenet"
+    schema_text = json.dumps(config_schema)  # every registered arch is named in the schema's description
     assert all(name in schema_text for name in ARCHITECTURES.names())

@@ -146,14 +146,9 @@ def test_batched_grad_norms_refuse_unsupported_models(model, message):
         per_sample_grad_norms(model, x, y)
 
 
-def _uint8_dataset(n: int = 10, size: int = 8, seed: int = 2):
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), rng.integers(0, 5, n).astype(np.int64)
-
-
-def test_per_sample_loss_is_unreduced_cross_entropy():
+def test_per_sample_loss_is_unreduced_cross_entropy(noise_images):
     model = _tiny_model("convnet", image_size=8)
-    images, labels = _uint8_dataset()
+    images, labels = noise_images(10, seed=2)
     with torch.no_grad():
         expected = F.cross_entropy(model(to_float(images_to_tensor(images))), torch.from_numpy(labels),
                                    reduction="none").numpy()
@@ -162,9 +157,9 @@ def test_per_sample_loss_is_unreduced_cross_entropy():
     np.testing.assert_allclose(losses, expected, rtol=1e-5)
 
 
-def test_score_table_has_one_row_per_sample_with_every_score():
+def test_score_table_has_one_row_per_sample_with_every_score(noise_images):
     model = _tiny_model("convnet", image_size=8)
-    images, labels = _uint8_dataset()
+    images, labels = noise_images(10, seed=2)
     correct = np.zeros((3, 10), dtype=bool)
     correct[0, :5] = True  # samples 0–4 forgotten once; 5–9 never learned → 3 (the epoch count)
     table = score_table(model, images, labels, correct, batch_size=4)
@@ -179,8 +174,8 @@ def test_score_table_has_one_row_per_sample_with_every_score():
     np.testing.assert_allclose(grad_norms(model, images, labels, batch_size=10), table["gradnorm"], rtol=1e-6)
 
 
-def test_score_table_rejects_a_mismatched_correctness_matrix():
+def test_score_table_rejects_a_mismatched_correctness_matrix(noise_images):
     model = _tiny_model("convnet", image_size=8)
-    images, labels = _uint8_dataset()
+    images, labels = noise_images(10, seed=2)
     with pytest.raises(ValueError, match="correct"):
         score_table(model, images, labels, np.zeros((3, 9), dtype=bool))

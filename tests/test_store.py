@@ -6,19 +6,15 @@ from poisonflow import store as store_module
 from poisonflow.errors import StoreError
 from poisonflow.store import read_store, write_store
 
-
-def arrays(n=2500):
-    rng = np.random.default_rng(0)
-    return {
-        "train/images": rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8),
-        "train/labels": rng.integers(0, 10, n).astype(np.int64),
-        "train/poisoned": rng.random(n) < 0.1,
-        "test/images": np.zeros((7, 8, 8, 3), np.uint8),
-        "test/labels": np.zeros(7, np.int64),
-    }
+N = 2500  # more samples than one chunk of 8-px images holds
 
 
-def test_round_trip_keeps_values_dtypes_and_attrs(tmp_path):
+@pytest.fixture
+def arrays(store_arrays):
+    return lambda: store_arrays(N, classes=10, poisoned=250, test=7)
+
+
+def test_round_trip_keeps_values_dtypes_and_attrs(tmp_path, arrays):
     data = arrays()
     write_store(tmp_path / "s.zarr", data, {"classes": ["a", "b"], "source": "x"})
     store = read_store(tmp_path / "s.zarr")
@@ -36,7 +32,7 @@ def test_all_zero_chunks_are_written_and_read_back(tmp_path):
     assert read_store(tmp_path / "z.zarr").array("a").nchunks_initialized == 3
 
 
-def test_incomplete_store_is_refused_with_its_path(tmp_path):
+def test_incomplete_store_is_refused_with_its_path(tmp_path, arrays):
     write_store(tmp_path / "s.zarr", arrays(), {})
     root = zarr.open_group(str(tmp_path / "s.zarr"), mode="r+", use_consolidated=False)
     del root.attrs["complete"]
@@ -45,7 +41,7 @@ def test_incomplete_store_is_refused_with_its_path(tmp_path):
         read_store(tmp_path / "s.zarr")
 
 
-def test_missing_chunk_is_refused_not_read_as_zeros(tmp_path):
+def test_missing_chunk_is_refused_not_read_as_zeros(tmp_path, arrays):
     write_store(tmp_path / "s.zarr", arrays(), {})
     chunk = tmp_path / "s.zarr" / "train" / "images" / "c" / "1" / "0" / "0" / "0"
     assert chunk.is_file()
@@ -56,7 +52,7 @@ def test_missing_chunk_is_refused_not_read_as_zeros(tmp_path):
     np.testing.assert_array_equal(store["train/labels"], arrays()["train/labels"])
 
 
-def test_missing_store_and_array_are_named(tmp_path):
+def test_missing_store_and_array_are_named(tmp_path, arrays):
     with pytest.raises(StoreError, match="nope.zarr: store does not exist"):
         read_store(tmp_path / "nope.zarr")
     write_store(tmp_path / "s.zarr", arrays(), {})

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from poisonflow import trainer
+from poisonflow import checkpoint, trainer
 from poisonflow.augment import random_crop, random_flip
 from poisonflow.models import build_model
 from poisonflow.trainer import train_model
@@ -33,23 +33,30 @@ def test_training_is_deterministic_and_learns():
     assert a.correct[-1].mean() > 0.9  # three well separated brightness classes
 
 
+def kill_after_epoch(monkeypatch, epoch: int, saves: list | None = None) -> None:
+    """Make every checkpoint write raise KeyboardInterrupt right after saving ``epoch`` (a killed job)."""
+    real_save = checkpoint.save
+
+    def save_then_die(path, digest, state):
+        real_save(path, digest, state)
+        if saves is not None:
+            saves.append(state["epoch"])
+        if state["epoch"] == epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+
+
 def test_killed_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
     images, labels = data()
     uninterrupted = train_model(fresh(), images, labels, TRAINING, seed=1, record_dynamics=True).model
 
     saves = []
-    real_save = trainer._atomic_save
-
-    def save_then_die(obj, path):
-        real_save(obj, path)
-        saves.append(obj["epoch"])
-        if obj["epoch"] == 2:
-            raise KeyboardInterrupt  # as if the job were killed after epoch 2
-
-    monkeypatch.setattr(trainer, "_atomic_save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_model(fresh(), images, labels, TRAINING, seed=1, checkpoint=tmp_path / "ck.pt", record_dynamics=True)
-    monkeypatch.setattr(trainer, "_atomic_save", real_save)
+    with monkeypatch.context() as patch:
+        kill_after_epoch(patch, 2, saves)  # as if the job were killed after epoch 2
+        with pytest.raises(KeyboardInterrupt):
+            train_model(fresh(), images, labels, TRAINING, seed=1, checkpoint=tmp_path / "ck.pt",
+                        record_dynamics=True)
     resumed = train_model(fresh(), images, labels, TRAINING, seed=1, checkpoint=tmp_path / "ck.pt",
                           record_dynamics=True)
     assert saves == [1, 2]
@@ -63,9 +70,9 @@ def test_checkpoint_of_other_data_is_not_resumed(tmp_path):
     train_model(fresh(), images, labels, {**TRAINING, "epochs": 2}, seed=1, checkpoint=tmp_path / "ck.pt")
     changed = labels.copy()
     changed[0] = (changed[0] + 1) % 3
-    state = torch.load(tmp_path / "ck.pt", weights_only=False)
+    state = torch.load(tmp_path / "ck.pt", weights_only=True)
     result = train_model(fresh(), images, changed, {**TRAINING, "epochs": 2}, seed=1, checkpoint=tmp_path / "ck.pt")
-    assert torch.load(tmp_path / "ck.pt", weights_only=False)["digest"] != state["digest"]
+    assert torch.load(tmp_path / "ck.pt", weights_only=True)["digest"] != state["digest"]
     assert result.model is not None
     fresh_run = train_model(fresh(), images, changed, {**TRAINING, "epochs": 2}, seed=1).model
     for name, tensor in fresh_run.state_dict().items():  # trained from scratch, not resumed
@@ -130,7 +137,7 @@ def test_defaults_equal_the_schema_defaults():
            "trainings": {"t": {"model": "m"}}, "attacks": {"a": {"kind": "badnets"}},
            "defenses": {"n": {"kind": "none"}},
            "experiments": [{"dataset": ["digits"], "attack": ["a"], "training": ["t"], "defense": ["n"], "seed": [0]}]}
-    training = config.load(raw, REPO / "workflow" / "schemas" / "config.schema.yaml").training("t")
+    training = config.load(raw).training("t")
     training.pop("model")
     assert training == trainer.DEFAULTS
 
@@ -236,12 +243,15 @@ def test_dynamics_are_measured_against_the_own_label(mixed, smoothing):
     index = torch.tensor([5, 0, 3, 1])
     settings = trainer.with_defaults({"label_smoothing": smoothing})
     runtime = trainer.RuntimeSettings(amp=False, channels_last=False, compile=False, data_on_device=True)
+    ctx = trainer.StepContext(settings, runtime, torch.Generator(), torch.device("cpu"))
     trainer.train_step(net, batch, index, optimizer, trainer.make_schedule(optimizer, None, 1, 1), stats,
-                       settings, runtime, torch.Generator(), torch.device("cpu"))
+                       trainer.CROSS_ENTROPY, ctx)
     own_ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
     assert stats.correct.tolist() == [False, False, False, True, False, True]  # rows 0 and 2 → samples 5 and 3
     torch.testing.assert_close(stats.loss[index], own_ce)
-    assert int(stats.hits) == 2 and float(stats.loss_sum) == pytest.approx(float(own_ce.sum()))
+    # the epoch's loss sums the objective itself: the mixed, smoothed cross entropy
+    objective = augment.mixed_cross_entropy(logits, batch, smoothing)
+    assert int(stats.hits) == 2 and float(stats.loss_sum) == pytest.approx(float(objective.sum()))
 
 
 def test_pgd_adversarial_training_attacks_whole_batches(monkeypatch):
@@ -271,18 +281,11 @@ def test_every_augmentation_is_seeded_and_resumes_to_the_same_weights(tmp_path, 
     assert same_weights(a.model, b.model) and np.array_equal(a.correct, b.correct)
     assert len(a.epoch_seconds) == 4 and all(s > 0 for s in a.epoch_seconds)
 
-    real_save = trainer._atomic_save
-
-    def save_then_die(obj, path):
-        real_save(obj, path)
-        if obj["epoch"] == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer, "_atomic_save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_model(fresh(), images, labels, PAPER_AUGMENT, seed=5, checkpoint=tmp_path / "ck.pt",
-                    record_dynamics=True)
-    monkeypatch.setattr(trainer, "_atomic_save", real_save)
+    with monkeypatch.context() as patch:
+        kill_after_epoch(patch, 3)
+        with pytest.raises(KeyboardInterrupt):
+            train_model(fresh(), images, labels, PAPER_AUGMENT, seed=5, checkpoint=tmp_path / "ck.pt",
+                        record_dynamics=True)
     resumed = train_model(fresh(), images, labels, PAPER_AUGMENT, seed=5, checkpoint=tmp_path / "ck.pt",
                           record_dynamics=True)
     assert len(resumed.epoch_seconds) == 1  # only epoch 4 ran again

@@ -95,19 +95,18 @@ def test_registered_and_defaults_follow_the_paper_and_the_schema():
            "surrogates": {"s": {"training": "t"}}, "attacks": {"u": {"kind": "triggerue", "surrogate": "s"}},
            "defenses": {"n": {"kind": "none"}},
            "experiments": [{"dataset": ["digits"], "attack": ["u"], "training": ["t"], "defense": ["n"], "seed": [0]}]}
-    schema = REPO / "workflow" / "schemas" / "config.schema.yaml"
-    entry = config.load(raw, schema).attack("u")
+    entry = config.load(raw).attack("u")
     assert {k: v for k, v in entry.items() if k not in ("kind", "rate", "surrogate", "surrogate_entry")} == triggerue.DEFAULTS
     # the trained surrogate is required exactly when features are eliminated on it
     no_surrogate = copy.deepcopy(raw)
     no_surrogate["attacks"]["u"] = {"kind": "triggerue"}
     with pytest.raises(ConfigError, match=r"^attacks\.u: 'surrogate' is a required property"):
-        config.load(no_surrogate, schema)
+        config.load(no_surrogate)
     no_surrogate["attacks"]["u"] = {"kind": "triggerue", "components": ["trigger"]}
-    config.load(no_surrogate, schema)
+    config.load(no_surrogate)
     no_surrogate["attacks"]["u"] = {"kind": "triggerue", "components": []}
     with pytest.raises(ConfigError, match=r"^attacks\.u\.components: \[\] should be non-empty"):
-        config.load(no_surrogate, schema)
+        config.load(no_surrogate)
 
 
 @pytest.mark.parametrize("change, key", [

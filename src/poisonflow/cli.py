@@ -20,6 +20,7 @@ STAGES = {
     "protect": ("poisonflow.stages.protect", True, "protect new images (a folder or a store) sample by sample, as the poison stage would"),
     "victim": ("poisonflow.stages.victim", True, "train a model on a poisoned store and evaluate it"),
     "defense": ("poisonflow.stages.defense", True, "run a defense and evaluate the defended model"),
+    "figures": ("poisonflow.stages.figures", False, "draw one entry of the figures: section from stored artifacts"),
     "aggregate": ("poisonflow.stages.aggregate", False, "collect metrics into tables and figures"),
 }
 

@@ -7,7 +7,7 @@ similarity of the image embedding and the embedding of ``prompt.format(class_nam
 the model's input size and normalizing with its mean and std happen inside the forward pass, so
 gradients reach the pixels and perturbations are bounded in pixel space.
 
-Weights (``clip:`` keys, defaults in :data:`DEFAULTS`):
+Weights (``clip:`` keys, defaults in the schema's ``clipModel`` definition):
 
 - ``checkpoint``: a local weights file (a state dict as open_clip saves it: ``.bin``, ``.pt``,
   ``.safetensors``) for ``model``; it is used as is.
@@ -33,8 +33,6 @@ from torch import nn
 
 from .errors import ConfigError
 
-DEFAULTS = {"model": "RN50", "pretrained": "openai", "checkpoint": None, "prompt": "a photo of a {}.",
-            "download": False}
 
 # What to do instead when CLIP weights are missing; appended to the error messages.
 ALTERNATIVES = "or use surrogate_kind: trained (the workflow's own surrogate, no weights needed)"
@@ -85,20 +83,6 @@ def clip_input(x: torch.Tensor, size: tuple[int, int], interpolation: str = "bic
         x = F.interpolate(x, size=resized, mode=mode, align_corners=False, antialias=True)
     top, left = (resized[0] - size[0]) // 2, (resized[1] - size[1]) // 2
     return x[..., top:top + size[0], left:left + size[1]]
-
-
-def settings(given: dict | None, key: str = "clip") -> dict:
-    """The ``clip:`` mapping over :data:`DEFAULTS`; unknown keys and bad values are ConfigErrors."""
-    given = dict(given or {})
-    unknown = sorted(set(given) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(f"{key}.{unknown[0]}: unknown key (known: {', '.join(sorted(DEFAULTS))})")
-    merged = {**DEFAULTS, **given}
-    if not isinstance(merged["prompt"], str) or "{}" not in merged["prompt"]:
-        raise ConfigError(f"{key}.prompt: expected a template with '{{}}' for the class name, got {merged['prompt']!r}")
-    if not isinstance(merged["model"], str) or not merged["model"]:
-        raise ConfigError(f"{key}.model: expected an open_clip model name, got {merged['model']!r}")
-    return merged
 
 
 def _open_clip(key: str):

@@ -11,68 +11,22 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
-import jsonschema
 import yaml
 
-from .data import SOURCES
+from . import kinds
 from .errors import ConfigError
-from .registry import Registry
-
-SCHEMA_PATH = Path("workflow/schemas/config.schema.yaml")
-RESULTS = "results"
+from .geometry import patch_position
 
 
-def _extend_with_defaults(validator_class):
-    set_properties = validator_class.VALIDATORS["properties"]
-
-    def properties_with_defaults(validator, properties, instance, schema):
-        if isinstance(instance, dict):
-            for name, subschema in properties.items():
-                if isinstance(subschema, dict) and "default" in subschema and name not in instance:
-                    instance[name] = copy.deepcopy(subschema["default"])
-        yield from set_properties(validator, properties, instance, schema)
-
-    return jsonschema.validators.extend(validator_class, {"properties": properties_with_defaults})
-
-
-DefaultFillingValidator = _extend_with_defaults(jsonschema.Draft202012Validator)
-
-
-def _key(path) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(config)"
-
-
-def _error_message(error: jsonschema.ValidationError) -> str:
-    # if/then errors nest the useful message; report the deepest one
-    while error.context:
-        error = max(error.context, key=lambda e: len(e.absolute_path))
-    message = error.message
-    if error.validator == "additionalProperties":
-        message = message.replace("Additional properties are not allowed", "unknown key")
-    return f"{_key(error.absolute_path)}: {message}"
-
-
-@lru_cache(maxsize=4)
-def _schema(path: str) -> dict:
-    return yaml.safe_load(Path(path).read_text())
-
-
-def validate(config: dict, schema_path: str | Path = SCHEMA_PATH) -> dict:
+def validate(config: dict) -> dict:
     """Return a copy of ``config`` with defaults filled, or raise ConfigError naming the key."""
-    config = copy.deepcopy(dict(config))
-    validator = DefaultFillingValidator(_schema(str(schema_path)))
-    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
-    if errors:
-        raise ConfigError(_error_message(errors[0]))
-    return config
+    return kinds.fill_and_check(dict(config), kinds.config_schema())
 
 
 @dataclass(frozen=True)
@@ -87,8 +41,8 @@ class Job:
 class Config:
     """A validated config with its semantic checks done."""
 
-    def __init__(self, raw: dict, schema_path: str | Path = SCHEMA_PATH):
-        self.data = validate(raw, schema_path)
+    def __init__(self, raw: dict):
+        self.data = validate(raw)
         self._described: dict[str, dict] = {}
         self._check()
 
@@ -130,31 +84,34 @@ class Config:
                     yield job
 
     def describe(self, dataset: str) -> dict:
-        """Class names and per-class training counts of a dataset entry (cheap, cached)."""
+        """Class names, per-class counts of the released training set and of the reserve, and the
+        image side of a dataset entry (cheap, cached; no image is read)."""
         if dataset not in self._described:
             spec = self.data["datasets"][dataset]
-            source = SOURCES.get(spec["source"], key=f"datasets.{dataset}.source")
-            self._described[dataset] = source.describe(spec, key=f"datasets.{dataset}")
+            key = f"datasets.{dataset}"
+            source = kinds.SOURCES.get(spec["source"], key=f"{key}.source")
+            described = source.describe(spec, key=key)
+            counts = [int(c) for c in described["train_counts"]]
+            reserve = reserve_counts(counts, float(spec["reserve"]))
+            self._described[dataset] = {
+                "classes": list(described["classes"]),
+                "train_counts": [c - r for c, r in zip(counts, reserve)],
+                "reserve_counts": reserve,
+                "image_size": int(spec.get("image_size") or source.NATIVE_SIZE),
+            }
         return self._described[dataset]
 
     # -- checks -----------------------------------------------------------------------------
     def _check_names(self, section: str, names: list[str], key: str) -> None:
         for name in names:
             if name not in self.data[section]:
-                known = ", ".join(sorted(self.data[section])) or "none"
-                raise ConfigError(f"{key}: no {section} entry named '{name}' (known: {known})")
-
-    def _check_kind(self, registry: Registry, section: str) -> None:
-        for name, entry in self.data[section].items():
-            registry.target(entry["kind"], key=f"{section}.{name}.kind")
+                raise ConfigError(f"{key}: no {section} entry named '{name}' (known: {', '.join(sorted(self.data[section])) or 'none'})")
 
     def _check(self) -> None:
-        from .attacks import kind_registry
-        from .defenses import DEFENSES
         from .architectures import ARCHITECTURES
 
         for name, entry in self.data["datasets"].items():
-            SOURCES.target(entry["source"], key=f"datasets.{name}.source")
+            kinds.SOURCES.target(entry["source"], key=f"datasets.{name}.source")
         for name, entry in self.data["models"].items():
             ARCHITECTURES.target(entry["arch"], key=f"models.{name}.arch")
         for name, entry in self.data["trainings"].items():
@@ -162,41 +119,92 @@ class Config:
         for name, entry in self.data["surrogates"].items():
             self._check_names("trainings", [entry["training"]], f"surrogates.{name}.training")
         for name, entry in self.data["attacks"].items():
-            kind_registry(entry["kind"]).target(entry["kind"], key=f"attacks.{name}.kind")
-        self._check_kind(DEFENSES, "defenses")
+            kinds.ATTACK_KINDS.target(entry["kind"], key=f"attacks.{name}.kind")
+        for name, entry in self.data["defenses"].items():
+            kinds.DEFENSES.target(entry["kind"], key=f"defenses.{name}.kind")
         for name, entry in self.data["attacks"].items():
             if "surrogate" in entry:
                 self._check_names("surrogates", [entry["surrogate"]], f"attacks.{name}.surrogate")
-            if entry.get("selection", "random") != "random":
-                if "surrogate" not in entry:
-                    raise ConfigError(f"attacks.{name}.surrogate: selection '{entry['selection']}' needs a surrogate")
-                self._check_names("surrogates", [entry["surrogate"]], f"attacks.{name}.surrogate")
+            if entry.get("selection", "random") != "random" and "surrogate" not in entry:
+                raise ConfigError(f"attacks.{name}.surrogate: selection '{entry['selection']}' needs a surrogate")
         for i, experiment in enumerate(self.data["experiments"]):
             for field, section in (("dataset", "datasets"), ("attack", "attacks"), ("training", "trainings"),
                                    ("defense", "defenses")):
                 self._check_names(section, experiment[field], f"experiments[{i}].{field}")
-        for job in {(j.dataset, j.attack) for j in self.jobs()}:
-            self._check_attack_fits(*job)
+        jobs = list(self.jobs())
+        for dataset, attack in sorted({(j.dataset, j.attack) for j in jobs}):
+            entry, described = self.data["attacks"][attack], self.describe(dataset)
+            fragment = kinds.ATTACK_KINDS.fragment(entry["kind"])
+            for check in ATTACK_CHECKS:
+                check(entry, fragment, described, f"attacks.{attack}", dataset)
+        for dataset, defense in sorted({(j.dataset, j.defense) for j in jobs}):
+            entry = self.data["defenses"][defense]
+            fragment = kinds.DEFENSES.fragment(entry["kind"])
+            check_reserve(entry, fragment, self.describe(dataset), f"defenses.{defense}", dataset)
 
-    def _check_attack_fits(self, dataset: str, attack: str) -> None:
-        from .attacks import UNLEARNABLE
 
-        entry = self.data["attacks"][attack]
-        counts = self.describe(dataset)["train_counts"]
-        if entry["kind"] in UNLEARNABLE:
-            if round(float(entry.get("rate", 1.0)) * sum(counts)) < 1:
-                raise ConfigError(f"attacks.{attack}.rate: {entry['rate']} protects no sample of dataset '{dataset}'")
-            return
-        target = entry["target"]
-        if target >= len(counts):
-            raise ConfigError(f"attacks.{attack}.target: class {target} is outside dataset '{dataset}' "
-                              f"({len(counts)} classes, 0..{len(counts) - 1})")
+# -- checks of an entry against the dataset it runs on, one concern each ------------------------
+# Each takes (entry, its kind's fragment, the dataset's description, the entry's key, dataset name).
+
+def check_target(entry: dict, fragment: kinds.Fragment, described: dict, key: str, dataset: str) -> None:
+    """A backdoor's target class exists in the dataset."""
+    classes = len(described["train_counts"])
+    if fragment.role.name == "backdoor" and entry["target"] >= classes:
+        raise ConfigError(f"{key}.target: class {entry['target']} is outside dataset '{dataset}' "
+                          f"({classes} classes, 0..{classes - 1})")
+
+
+def check_rate(entry: dict, fragment: kinds.Fragment, described: dict, key: str, dataset: str) -> None:
+    """The rate selects at least one sample, and no more than are eligible."""
+    counts = described["train_counts"]
+    if fragment.role.name == "unlearnable":
+        available, requested = sum(counts), int(round(float(entry.get("rate", 1.0)) * sum(counts)))
+        verb = "protects"
+    else:
         available, requested = poison_budget(entry, counts)
-        if requested < 1:
-            raise ConfigError(f"attacks.{attack}.rate: {entry['rate']} poisons no sample of dataset '{dataset}'")
-        if requested > available:
-            raise ConfigError(f"attacks.{attack}.rate: {entry['rate']} asks for {requested} samples but dataset "
-                              f"'{dataset}' has only {available} eligible ({entry['label_mode']}-label)")
+        verb = "poisons"
+    if requested < 1:
+        raise ConfigError(f"{key}.rate: {entry.get('rate')} {verb} no sample of dataset '{dataset}'")
+    if requested > available:
+        raise ConfigError(f"{key}.rate: {entry['rate']} asks for {requested} samples but dataset "
+                          f"'{dataset}' has only {available} eligible ({entry['label_mode']}-label)")
+
+
+def check_patch(entry: dict, fragment: kinds.Fragment, described: dict, key: str, dataset: str) -> None:
+    """A patch trigger (declared in the fragment's ``checks.patch``) fits the dataset's images."""
+    declared = fragment.checks.get("patch")
+    if not declared:
+        return
+    values = {name: lookup(entry, path) for name, path in declared.items()}
+    side = described["image_size"]
+    try:
+        patch_position(values.get("position", "bottom-right"), int(values["size"]), side, side,
+                       int(values.get("margin", 0)))
+    except ConfigError as error:
+        raise ConfigError(f"{key}.{error} (dataset '{dataset}')") from None
+
+
+ATTACK_CHECKS = (check_target, check_rate, check_patch)
+
+
+def check_reserve(entry: dict, fragment: kinds.Fragment, described: dict, key: str, dataset: str) -> None:
+    """A defense that uses clean data (``checks.reserve`` in its fragment) gets a non-empty reserve."""
+    if fragment.checks.get("reserve") and sum(described["reserve_counts"]) < 1:
+        raise ConfigError(f"datasets.{dataset}.reserve: defense '{key.split('.', 1)[1]}' needs clean data, but "
+                          f"the reserve of dataset '{dataset}' is empty (set a reserve fraction above 0)")
+
+
+def lookup(entry: dict, path: str):
+    """``entry``'s value at a dotted path (``trigger.size``)."""
+    value = entry
+    for part in path.split("."):
+        value = value[part]
+    return value
+
+
+def reserve_counts(counts: list[int], fraction: float) -> list[int]:
+    """Per-class sizes of the reserve: ``fraction`` of each class, rounded half up."""
+    return [int(math.floor(fraction * count + 0.5)) for count in counts]
 
 
 def poison_budget(attack: dict, class_counts: list[int]) -> tuple[int, int]:
@@ -213,7 +221,7 @@ def poison_budget(attack: dict, class_counts: list[int]) -> tuple[int, int]:
     return total - int(class_counts[target]), int(round(attack["rate"] * total))
 
 
-def load(path_or_dict: str | Path | dict, schema_path: str | Path = SCHEMA_PATH) -> Config:
+def load(path_or_dict: str | Path | dict) -> Config:
     if isinstance(path_or_dict, (str, Path)):
         path = Path(path_or_dict)
         if not path.exists():
@@ -223,4 +231,4 @@ def load(path_or_dict: str | Path | dict, schema_path: str | Path = SCHEMA_PATH)
         raw = path_or_dict
     if not isinstance(raw, dict):
         raise ConfigError("config: must be a mapping")
-    return Config(raw, schema_path)
+    return Config(raw)

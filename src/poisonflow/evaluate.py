@@ -47,3 +47,16 @@ def backdoor_metrics(model, test_images, test_labels, asr_images=None, asr_label
         metrics["pgd_acc"] = pgd_accuracy(model, test_images, test_labels, float(pgd_spec["eps"]),
                                           float(pgd_spec["step"]), int(pgd_spec["steps"]), device)
     return metrics
+
+
+def evaluate_store_model(model, clean, poisoned, evaluation: dict, device) -> dict:
+    """:func:`backdoor_metrics` of a model on stores: ``acc`` on the clean store's test split;
+    ``asr``/``ra`` on the poisoned store's triggered test split if it has one (unlearnable
+    examples have none); ``pgd_acc`` if the resolved ``evaluation`` section has ``pgd``."""
+    asr_set = ("test/images" in poisoned) and len(poisoned["test/labels"]) > 0
+    return backdoor_metrics(
+        model, clean["test/images"], clean["test/labels"],
+        poisoned["test/images"] if asr_set else None,
+        poisoned["test/labels"] if asr_set else None,
+        poisoned["test/true_labels"] if asr_set else None,
+        device=device, pgd_spec=evaluation.get("pgd"))

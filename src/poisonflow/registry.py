@@ -16,21 +16,26 @@ from .errors import ConfigError
 class Registry:
     def __init__(self, what: str, entries: dict[str, str]):
         self.what = what
-        self._entries = dict(entries)
+        self._fixed = dict(entries)
+
+    def entries(self) -> dict[str, str]:
+        """name → ``"module:attribute"`` (or a bare module)."""
+        return self._fixed
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        return sorted(self.entries())
 
     def __contains__(self, name: str) -> bool:
-        return name in self._entries
+        return name in self.entries()
 
     def target(self, name: str, key: str | None = None) -> str:
-        if name not in self._entries:
+        entries = self.entries()
+        if name not in entries:
             where = f"{key}: " if key else ""
             raise ConfigError(
-                f"{where}unknown {self.what} '{name}' (known: {', '.join(self.names())})"
+                f"{where}unknown {self.what} '{name}' (known: {', '.join(sorted(entries))})"
             )
-        return self._entries[name]
+        return entries[name]
 
     def module_name(self, name: str, key: str | None = None) -> str:
         return self.target(name, key).split(":")[0]

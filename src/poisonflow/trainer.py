@@ -1,4 +1,4 @@
-"""The one training loop every stage uses.
+"""The one training loop every stage and defense uses.
 
 The uint8 training set sits on the device when it fits (else it is streamed from host memory a
 chunk of batches at a time, the next chunk copied while the current one trains); each batch is
@@ -8,21 +8,24 @@ and never waits for the device inside an epoch: statistics and training dynamics
 on the device and read once per epoch. Every random draw comes from one seeded CPU generator, so
 a seed gives the same batches, augmentations and PGD starts on CPU and GPU.
 
-Optional PGD adversarial training. Per-sample training dynamics (correctness and loss of the
-training forward, before the step) are recorded on request; with CutMix/Mixup they are measured
-against each sample's own label. A checkpoint is written atomically after every epoch and a rerun
-with the same spec, seed and data resumes from it.
+What a step minimizes is an :class:`Objective`: by default the cross entropy (on PGD examples for
+adversarial training); defenses pass their own (ABL's local gradient ascent, NAD's attention
+distillation, an autoencoder's reconstruction loss), may train on a subset of the samples or
+weight them, and may observe every step and epoch through callbacks. Per-sample training
+dynamics (correctness and loss of the training forward, before the step) are recorded on request;
+with CutMix/Mixup they are measured against each sample's own label. A checkpoint
+(:mod:`poisonflow.checkpoint`) is written atomically after every epoch and resumed only by a run
+with the same :func:`training_digest`; the per-epoch history can be written as CSV.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
+import csv
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -32,6 +35,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import augment
+from . import checkpoint as checkpoints
+from . import fingerprint
 from .adversarial import pgd
 from .errors import ConfigError
 
@@ -234,93 +239,40 @@ class StreamedData:
 DATA_PLACEMENTS = {True: ResidentData, False: StreamedData}
 
 
-# -- checkpoints -----------------------------------------------------------------------------
+# -- objectives: what a step minimizes -------------------------------------------------------
 
-def spec_digest(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+@dataclass
+class StepContext:
+    """What a loss function may use besides the network and the batch."""
+    settings: dict  # the resolved training entry
+    runtime: RuntimeSettings
+    generator: torch.Generator  # the run's one seeded CPU generator: draw every random number from it
+    device: torch.device
+    epoch: int = 0  # 0-based epoch being trained
 
-
-def data_fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
-    """sha256 of the training arrays, so a checkpoint is never resumed on different data."""
-    digest = hashlib.sha256()
-    digest.update(np.ascontiguousarray(images).data)
-    digest.update(np.ascontiguousarray(labels, dtype=np.int64).data)
-    return digest.hexdigest()[:16]
+    def autocast(self):
+        """The run's autocast region (bf16 on a GPU by default); forward passes belong inside it."""
+        return autocast(self.device, self.runtime.amp)
 
 
 @dataclass
-class TrainResult:
-    model: torch.nn.Module
-    correct: np.ndarray | None = None  # (epochs, N) bool, training forward before each step, own label
-    loss: np.ndarray | None = None  # (epochs, N) float32, cross entropy against the own label
-    snapshots: dict[int, dict] = field(default_factory=dict)  # epoch → state_dict after that epoch
-    epoch_seconds: list[float] = field(default_factory=list)  # wall time of each epoch run by this call
-    runtime: RuntimeSettings | None = None  # the resolved device switches
+class StepOutput:
+    """A loss function's result for one batch."""
+    loss: torch.Tensor  # (B,) per-sample objective; the step descends on its (weighted) mean
+    logits: torch.Tensor | None = None  # (B, classes) for accuracy and dynamics; None for a model without classes
+    own_loss: torch.Tensor | None = None  # (B,) cross entropy against the own label, where already computed
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+LossFunction = Callable[[torch.nn.Module, augment.MixedBatch, StepContext], StepOutput]
 
 
-@dataclass
-class LoopState:
-    """What a checkpoint holds besides the model: everything needed to continue bit-for-bit."""
-    optimizer: torch.optim.Optimizer
-    schedule: object
-    generator: torch.Generator
-    correct: np.ndarray | None
-    losses: np.ndarray | None
-    snapshots: dict[int, dict]
-    start_epoch: int = 0
-
-
-def resume(checkpoint: Path | None, digest: str, model, state: LoopState, device, desc: str) -> None:
-    """Load ``checkpoint`` into ``model`` and ``state`` if it was written for the same ``digest``."""
-    if not (checkpoint and checkpoint.exists()):
-        return
-    saved = torch.load(checkpoint, map_location=device, weights_only=False)
-    if saved.get("digest") != digest:
-        return
-    model.load_state_dict(saved["model"])
-    state.optimizer.load_state_dict(saved["optimizer"])
-    state.schedule.load_state_dict(saved["schedule"])
-    state.generator.set_state(saved["generator"])
-    torch.set_rng_state(saved["torch_rng"])
-    state.start_epoch = saved["epoch"]
-    state.snapshots = saved["snapshots"]
-    print(f"{desc}: resuming from {checkpoint} after epoch {state.start_epoch}", file=sys.stderr)
-    if state.correct is not None:
-        state.correct[:state.start_epoch] = saved["correct"][:state.start_epoch]
-        state.losses[:state.start_epoch] = saved["loss"][:state.start_epoch]
-
-
-def save_checkpoint(checkpoint: Path, digest: str, epoch: int, model, state: LoopState) -> None:
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_save({
-        "digest": digest, "epoch": epoch, "model": model.state_dict(),
-        "optimizer": state.optimizer.state_dict(), "schedule": state.schedule.state_dict(),
-        "generator": state.generator.get_state(), "torch_rng": torch.get_rng_state(),
-        "snapshots": state.snapshots, "correct": state.correct, "loss": state.losses,
-    }, checkpoint)
-
-
-# -- one epoch -------------------------------------------------------------------------------
-
-@dataclass
-class EpochStats:
-    """Per-epoch sums kept on the device, read once at the end of the epoch."""
-    loss_sum: torch.Tensor
-    hits: torch.Tensor
-    correct: torch.Tensor | None  # (N,) bool, own-label correctness per sample
-    loss: torch.Tensor | None  # (N,) float32, own-label cross entropy per sample
-
-    @classmethod
-    def zeros(cls, n: int, device, record_dynamics: bool) -> "EpochStats":
-        return cls(torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device),
-                   torch.zeros(n, dtype=torch.bool, device=device) if record_dynamics else None,
-                   torch.zeros(n, dtype=torch.float32, device=device) if record_dynamics else None)
+@dataclass(frozen=True)
+class Objective:
+    """A training objective: a loss function, and what identifies it in a checkpoint digest."""
+    loss: LossFunction
+    key: object  # JSON-able name and settings of the loss: a checkpoint of another objective is not resumed
+    # other models the loss reads (a frozen teacher): their weights join the digest
+    models: tuple[torch.nn.Module, ...] = ()
 
 
 def adversarial_examples(net, x, y, adversarial: dict, generator) -> torch.Tensor:
@@ -332,40 +284,211 @@ def adversarial_examples(net, x, y, adversarial: dict, generator) -> torch.Tenso
     return x
 
 
-def train_step(net, batch: augment.MixedBatch, index, optimizer, schedule, stats: EpochStats, settings: dict,
-               runtime: RuntimeSettings, generator, device) -> None:
-    """One optimizer step on an augmented batch, accumulating statistics without a host sync."""
-    x = batch.images
-    if runtime.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with autocast(device, runtime.amp):
-        if settings["adversarial"]:
-            x = adversarial_examples(net, x, batch.labels, settings["adversarial"], generator)
-        logits = net(x).float()
-    per_sample = augment.mixed_cross_entropy(logits, batch, float(settings["label_smoothing"]))
-    optimizer.zero_grad(set_to_none=True)
-    per_sample.mean().backward()
-    optimizer.step()
-    schedule.step()
-    with torch.no_grad():
-        own_label_loss = per_sample if own_label_objective(batch, settings) else \
-            F.cross_entropy(logits, batch.labels, reduction="none")
-        hits = logits.argmax(1) == batch.labels
-        stats.loss_sum += own_label_loss.sum()
-        stats.hits += hits.sum()
-        if stats.correct is not None:
-            stats.correct[index] = hits
-            stats.loss[index] = own_label_loss
-
-
 def own_label_objective(batch: augment.MixedBatch, settings: dict) -> bool:
     """Whether the training loss already is the plain cross entropy against the own label."""
     return not batch.mixed and float(settings["label_smoothing"]) == 0.0
 
 
+def cross_entropy_loss(net, batch: augment.MixedBatch, ctx: StepContext) -> StepOutput:
+    """The default loss: cross entropy against the batch's mixed, smoothed targets, on PGD examples
+    when the training entry asks for adversarial training."""
+    x = batch.images
+    with ctx.autocast():
+        if ctx.settings["adversarial"]:
+            x = adversarial_examples(net, x, batch.labels, ctx.settings["adversarial"], ctx.generator)
+        logits = net(x).float()
+    per_sample = augment.mixed_cross_entropy(logits, batch, float(ctx.settings["label_smoothing"]))
+    return StepOutput(per_sample, logits, per_sample if own_label_objective(batch, ctx.settings) else None)
+
+
+CROSS_ENTROPY = Objective(cross_entropy_loss, "cross_entropy")
+
+
+def cross_entropy_objective(transform: Callable[[torch.Tensor], torch.Tensor], key) -> Objective:
+    """The default loss with its per-sample cross entropy mapped through ``transform`` (B,) → (B,),
+    e.g. ABL's local gradient ascent or its unlearning by ascent; ``key`` names the transform."""
+    def loss(net, batch: augment.MixedBatch, ctx: StepContext) -> StepOutput:
+        output = cross_entropy_loss(net, batch, ctx)
+        return StepOutput(transform(output.loss), output.logits, output.own_loss)
+    return Objective(loss, ["cross_entropy", key])
+
+
+# -- callbacks -------------------------------------------------------------------------------
+
+@dataclass
+class BatchEnd:
+    """Passed to ``on_batch`` after each optimizer step; its tensors live on the device (do not read them
+    on the host, or every step waits for the device)."""
+    epoch: int  # 0-based
+    index: torch.Tensor  # the batch's sample indices
+    batch: augment.MixedBatch
+    output: StepOutput
+
+
+@dataclass
+class EpochEnd:
+    """Passed to ``on_epoch`` after each epoch, once its checkpoint and history are written."""
+    epoch: int  # epochs finished, 1-based
+    row: dict  # the epoch's history row
+    model: torch.nn.Module
+
+
+# -- checkpoints and history -----------------------------------------------------------------
+
+HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "lr", "seconds")
+
+
+def selected_indices(subset, n: int) -> np.ndarray:
+    """A bool mask over the n samples or an index array → sorted-as-given int64 indices."""
+    subset = np.asarray(subset)
+    indices = np.flatnonzero(subset) if subset.dtype == bool else subset.astype(np.int64)
+    if subset.dtype == bool and len(subset) != n:
+        raise ValueError(f"subset: a mask of {len(subset)} entries for {n} samples")
+    if len(indices) == 0 or indices.min() < 0 or indices.max() >= n:
+        raise ValueError(f"subset: needs at least one index in 0..{n - 1}")
+    return indices
+
+
+def training_digest(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, training: dict, *, seed: int,
+                    subset=None, weights=None, record_dynamics: bool = False, snapshot_epochs=(),
+                    objective: Objective = CROSS_ENTROPY) -> str:
+    """What a checkpoint of :func:`train_model` must have been written for to be resumed: the resolved
+    training entry, the seed, the data, the samples trained on and their weights, what is recorded, the
+    objective with the models it reads, and the starting weights of ``model``."""
+    return fingerprint.digest(
+        with_defaults(training), int(seed), fingerprint.data_digest(images, labels),
+        None if subset is None else selected_indices(subset, len(labels)),
+        None if weights is None else np.asarray(weights, dtype=np.float32),
+        bool(record_dynamics), [int(e) for e in snapshot_epochs], objective.key,
+        [fingerprint.model_digest(m) for m in objective.models], fingerprint.model_digest(model))
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module
+    correct: np.ndarray | None = None  # (epochs, N) bool, training forward before each step, own label
+    loss: np.ndarray | None = None  # (epochs, N) float32, cross entropy against the own label
+    snapshots: dict[int, dict] = field(default_factory=dict)  # epoch → state_dict after that epoch
+    epoch_seconds: list[float] = field(default_factory=list)  # wall time of each epoch run by this call
+    runtime: RuntimeSettings | None = None  # the resolved device switches
+    history: list[dict] = field(default_factory=list)  # one row per epoch (HISTORY_COLUMNS), resumed ones included
+    digest: str = ""  # the checkpoint digest of this training
+
+
+@dataclass
+class LoopState:
+    """What a checkpoint holds besides the model: everything needed to continue bit-for-bit."""
+    optimizer: torch.optim.Optimizer
+    schedule: object
+    generator: torch.Generator
+    correct: np.ndarray | None
+    losses: np.ndarray | None
+    snapshots: dict[int, dict] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    start_epoch: int = 0
+
+
+def resume(saved: dict | None, model, state: LoopState, desc: str) -> None:
+    """Continue from a checkpoint ``saved`` for this job (None: start from scratch)."""
+    if saved is None:
+        return
+    model.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.schedule.load_state_dict(saved["schedule"])
+    state.generator.set_state(saved["generator"])
+    torch.set_rng_state(saved["torch_rng"])
+    state.start_epoch = int(saved["epoch"])
+    state.snapshots = saved["snapshots"]
+    state.history = list(saved["history"])
+    print(f"{desc}: resuming after epoch {state.start_epoch}", file=sys.stderr)
+    if state.correct is not None:
+        state.correct[:state.start_epoch] = saved["correct"][:state.start_epoch].numpy()
+        state.losses[:state.start_epoch] = saved["loss"][:state.start_epoch].numpy()
+
+
+def checkpoint_state(epoch: int, model, state: LoopState) -> dict:
+    """Tensors and plain values only, so the checkpoint loads with ``weights_only=True``."""
+    return {
+        "epoch": epoch, "model": model.state_dict(),
+        "optimizer": state.optimizer.state_dict(), "schedule": state.schedule.state_dict(),
+        "generator": state.generator.get_state(), "torch_rng": torch.get_rng_state(),
+        "snapshots": state.snapshots, "history": state.history,
+        "correct": None if state.correct is None else torch.from_numpy(state.correct),
+        "loss": None if state.losses is None else torch.from_numpy(state.losses),
+    }
+
+
+def write_history(path: Path, rows: list[dict]) -> None:
+    """The per-epoch history as CSV (an empty accuracy where the model has no classes)."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, HISTORY_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    checkpoints.atomic_write(path, write)
+
+
+# -- one epoch -------------------------------------------------------------------------------
+
+@dataclass
+class EpochStats:
+    """Per-epoch sums kept on the device, read once at the end of the epoch."""
+    loss_sum: torch.Tensor  # the (weighted) per-sample objective, summed
+    hits: torch.Tensor
+    correct: torch.Tensor | None  # (N,) bool, own-label correctness per sample
+    loss: torch.Tensor | None  # (N,) float32, own-label cross entropy per sample
+    classified: bool = False  # whether the loss function gave logits (no accuracy otherwise)
+
+    @classmethod
+    def zeros(cls, n: int, device, record_dynamics: bool) -> "EpochStats":
+        return cls(torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device),
+                   torch.zeros(n, dtype=torch.bool, device=device) if record_dynamics else None,
+                   torch.zeros(n, dtype=torch.float32, device=device) if record_dynamics else None)
+
+    @torch.no_grad()
+    def add(self, index, per_sample: torch.Tensor, output: StepOutput, labels: torch.Tensor) -> None:
+        """Accumulate one step without a host sync."""
+        self.loss_sum += per_sample.sum()
+        if output.logits is None:
+            if self.correct is not None:
+                raise ValueError("record_dynamics: the loss function gave no logits to measure correctness on")
+            return
+        self.classified = True
+        hits = output.logits.argmax(1) == labels
+        self.hits += hits.sum()
+        if self.correct is not None:
+            self.correct[index] = hits
+            self.loss[index] = output.own_loss if output.own_loss is not None else \
+                F.cross_entropy(output.logits, labels, reduction="none")
+
+
+def train_step(net, batch: augment.MixedBatch, index, optimizer, schedule, stats: EpochStats, objective: Objective,
+               ctx: StepContext, weights: torch.Tensor | None = None) -> StepOutput:
+    """One optimizer step on an augmented batch, accumulating statistics without a host sync."""
+    if ctx.runtime.channels_last:
+        batch = replace(batch, images=batch.images.contiguous(memory_format=torch.channels_last))
+    output = objective.loss(net, batch, ctx)
+    per_sample = output.loss.float()
+    if weights is not None:
+        per_sample = per_sample * weights
+    optimizer.zero_grad(set_to_none=True)
+    per_sample.mean().backward()
+    optimizer.step()
+    schedule.step()
+    stats.add(index, per_sample.detach(), output, batch.labels)
+    return output
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def shuffled(pool: torch.Tensor | None, n: int, generator: torch.Generator) -> torch.Tensor:
+    """This epoch's sample order: all n samples, or those of ``pool``, permuted (the same draws either way)."""
+    if pool is None:
+        return torch.randperm(n, generator=generator)
+    return pool[torch.randperm(len(pool), generator=generator)]
 
 
 # -- the loop --------------------------------------------------------------------------------
@@ -379,9 +502,15 @@ def train_model(
     seed: int,
     device: torch.device | str = "cpu",
     checkpoint: str | os.PathLike | None = None,
+    history: str | os.PathLike | None = None,
     record_dynamics: bool = False,
     snapshot_epochs: tuple[int, ...] = (),
     desc: str = "train",
+    objective: Objective = CROSS_ENTROPY,
+    subset=None,
+    weights=None,
+    on_batch: Callable[[BatchEnd], None] | None = None,
+    on_epoch: Callable[[EpochEnd], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` on uint8 NHWC ``images`` with int ``labels`` per a resolved ``trainings:`` entry.
 
@@ -390,9 +519,21 @@ def train_model(
     schedule{name, milestones, gamma, pct_start, div_factor, final_div_factor, anneal},
     augment (list of names) and their parameters, label_smoothing, amp, channels_last, compile,
     data_on_device, adversarial (null or {eps, step, steps}).
+
+    ``objective`` gives each batch's per-sample loss (default: cross entropy, PGD examples when
+    ``adversarial`` is set); the step descends on its mean, each sample's term multiplied by its
+    ``weights`` entry (float per sample) when given. ``subset`` (bool mask or indices) restricts
+    training to those samples, drawn in the same order as if only they had been passed. ``on_batch``
+    and ``on_epoch`` are called after every step and every epoch. ``checkpoint`` is written after
+    every epoch and resumed only for the same :func:`training_digest`; ``history`` is a CSV of one
+    row per epoch (:data:`HISTORY_COLUMNS`: the mean objective, the training-forward accuracy, the
+    learning rate the epoch began with, its wall time).
     """
     device = torch.device(device)
     settings = with_defaults(training)
+    pool_indices = None if subset is None else selected_indices(subset, len(labels))
+    digest = training_digest(model, images, labels, settings, seed=seed, subset=pool_indices, weights=weights,
+                             record_dynamics=record_dynamics, snapshot_epochs=snapshot_epochs, objective=objective)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     runtime = RuntimeSettings.resolve(settings, device, int(np.asarray(images).nbytes))
@@ -404,10 +545,14 @@ def train_model(
     net = training_module(model, runtime)
     data = DATA_PLACEMENTS[runtime.data_on_device](images, device)
     targets = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device)
+    sample_weights = None if weights is None else torch.as_tensor(np.asarray(weights), dtype=torch.float32,
+                                                                   device=device)
+    pool = None if pool_indices is None else torch.from_numpy(pool_indices)
     n = len(targets)
+    trained = n if pool is None else len(pool)  # samples per epoch
     epochs = int(settings["epochs"])
     batch_size = int(settings["batch_size"])
-    steps_per_epoch = (n + batch_size - 1) // batch_size
+    steps_per_epoch = (trained + batch_size - 1) // batch_size
     augmenter = augment.BatchAugment(list(settings["augment"]), settings)
     optimizer = make_optimizer(model.parameters(), settings["optimizer"])
     state = LoopState(
@@ -416,45 +561,57 @@ def train_model(
         generator=generator,
         correct=np.zeros((epochs, n), dtype=bool) if record_dynamics else None,
         losses=np.zeros((epochs, n), dtype=np.float32) if record_dynamics else None,
-        snapshots={},
     )
-    checkpoint = Path(checkpoint) if checkpoint else None
-    digest = spec_digest(training, seed, data_fingerprint(images, labels), record_dynamics, list(snapshot_epochs))
-    resume(checkpoint, digest, model, state, device, desc)
+    store = checkpoints.Checkpoint(Path(checkpoint) if checkpoint else None, digest)
+    resume(store.load(), model, state, desc)
+    ctx = StepContext(settings, runtime, generator, device)
 
     epoch_seconds = []
     progress = tqdm(range(state.start_epoch, epochs), desc=desc, initial=state.start_epoch, total=epochs,
                     unit="epoch", leave=False, dynamic_ncols=True)
     for epoch in progress:
         started = time.perf_counter()
+        ctx.epoch = epoch
+        lr = float(optimizer.param_groups[0]["lr"])
         net.train()
-        order = torch.randperm(n, generator=generator)
+        order = shuffled(pool, n, generator)
         stats = EpochStats.zeros(n, device, record_dynamics)
         for index, batch_u8 in data.batches(order, augment.to_device(order, device), batch_size):
             batch = augmenter(batch_u8, targets[index], generator)
-            train_step(net, batch, index, optimizer, state.schedule, stats, settings, runtime, generator, device)
+            output = train_step(net, batch, index, optimizer, state.schedule, stats, objective, ctx,
+                                None if sample_weights is None else sample_weights[index])
+            if on_batch is not None:
+                on_batch(BatchEnd(epoch, index, batch, output))
         loss_sum, hits = float(stats.loss_sum), int(stats.hits)  # the epoch's one wait for the device
         if record_dynamics:
             state.correct[epoch] = stats.correct.cpu().numpy()
             state.losses[epoch] = stats.loss.cpu().numpy()
         _synchronize(device)
-        epoch_seconds.append(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        epoch_seconds.append(seconds)
+        row = {"epoch": epoch + 1, "loss": loss_sum / trained,
+               "accuracy": hits / trained if stats.classified else None, "lr": lr, "seconds": seconds}
+        state.history.append(row)
         if epoch + 1 in snapshot_epochs:
             state.snapshots[epoch + 1] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        progress.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{hits / n:.3f}")
-        if checkpoint:
-            save_checkpoint(checkpoint, digest, epoch + 1, model, state)
+        progress.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy'] or 0.0:.3f}")
+        store.save(checkpoint_state(epoch + 1, model, state))
+        if history:
+            write_history(Path(history), state.history)
+        if on_epoch is not None:
+            on_epoch(EpochEnd(epoch + 1, row, model))
     progress.close()
+    if history and state.start_epoch == epochs:
+        write_history(Path(history), state.history)  # resumed after the last epoch: the CSV still gets written
     model.to(memory_format=torch.contiguous_format)
     model.eval()
     return TrainResult(model=model, correct=state.correct, loss=state.losses, snapshots=state.snapshots,
-                       epoch_seconds=epoch_seconds, runtime=runtime)
+                       epoch_seconds=epoch_seconds, runtime=runtime, history=state.history, digest=digest)
 
 
 def save_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    checkpoints.atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_weights(model: torch.nn.Module, path: str | os.PathLike, device="cpu") -> torch.nn.Module:

@@ -20,30 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
-
-
-# --- config helpers -------------------------------------------------------------------------
-
-
-# ``trigger.seed`` is read by the poison stage, which passes it to ``build`` as the seed argument.
-CALLER_KEYS = frozenset({"seed"})
-
-
-def trigger_settings(spec: dict, defaults: dict) -> dict:
-    """The attack's ``trigger:`` mapping over ``defaults``; an unknown key is a ConfigError.
-
-    Keys in :data:`CALLER_KEYS` are accepted and left for the caller.
-    """
-    given = spec.get("trigger") or {}
-    if not isinstance(given, dict):
-        raise ConfigError(f"trigger: expected a mapping of trigger settings, got {given!r}")
-    unknown = sorted(set(given) - set(defaults) - CALLER_KEYS)
-    if unknown:
-        raise ConfigError(
-            f"trigger.{unknown[0]}: unknown key for a {spec.get('kind', '?')} trigger "
-            f"(known: {', '.join(sorted(defaults))})"
-        )
-    return {**defaults, **given}
+from .geometry import PATCH_POSITIONS, patch_position  # noqa: F401  (re-exported for the patch triggers)
 
 
 def seeded_generator(seed: int) -> torch.Generator:
@@ -95,54 +72,6 @@ def patch_pattern(name: str, size: int, generator: torch.Generator) -> torch.Ten
     return PATCH_PATTERNS[name](size, generator)
 
 
-# Named corners → top-left (row, col) of the patch, ``margin`` pixels from the image border.
-PATCH_POSITIONS: dict[str, Callable[[int, int, int, int], tuple[int, int]]] = {
-    "top-left": lambda size, height, width, margin: (margin, margin),
-    "top-right": lambda size, height, width, margin: (margin, width - size - margin),
-    "bottom-left": lambda size, height, width, margin: (height - size - margin, margin),
-    "bottom-right": lambda size, height, width, margin: (height - size - margin, width - size - margin),
-}
-
-
-def _explicit_corner(position) -> tuple[int, int] | None:
-    """``[row, col]`` from the config as two ints, or None if ``position`` is not such a pair."""
-    if isinstance(position, (list, tuple)) and len(position) == 2 and all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in position
-    ):
-        return int(position[0]), int(position[1])
-    return None
-
-
-def patch_position(position, size: int, height: int, width: int, margin: int = 0) -> tuple[int, int]:
-    """Top-left (row, col) of a ``size``×``size`` patch: a named corner or an explicit [row, col].
-
-    Raises ConfigError naming ``trigger.size`` when the patch is larger than the image, and
-    ``trigger.position`` (or ``trigger.margin``) when the placed patch would leave the image.
-    """
-    if size > height or size > width:
-        raise ConfigError(f"trigger.size: a {size}×{size} patch does not fit a {height}×{width} image")
-    if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
-        raise ConfigError(f"trigger.margin: expected a non-negative integer, got {margin!r}")
-    corner = _explicit_corner(position)
-    if corner is None:
-        if not isinstance(position, str) or position not in PATCH_POSITIONS:
-            raise ConfigError(
-                f"trigger.position: expected one of {', '.join(PATCH_POSITIONS)} or [row, col], got {position!r}"
-            )
-        row, col = PATCH_POSITIONS[position](size, height, width, margin)
-        if row < 0 or col < 0:
-            raise ConfigError(
-                f"trigger.margin: {margin} pixels from the border leaves no room for a {size}×{size} "
-                f"patch at {position} of a {height}×{width} image"
-            )
-        return row, col
-    row, col = corner
-    if row < 0 or col < 0 or row + size > height or col + size > width:
-        raise ConfigError(
-            f"trigger.position: a {size}×{size} patch at [{row}, {col}] does not fit a {height}×{width} "
-            f"image (row must be in 0..{height - size}, col in 0..{width - size})"
-        )
-    return row, col
 
 
 def stamp_patch(x: torch.Tensor, patch: torch.Tensor, row: int, col: int) -> torch.Tensor:
@@ -224,12 +153,3 @@ def noise_grid_for(grid: torch.Tensor, n: int, generator: torch.Generator) -> to
     return torch.clamp(grid.to(offsets.device) + offsets / height, -1, 1)
 
 
-def section_settings(spec: dict, section: str, defaults: dict, what: str) -> dict:
-    """The attack's ``section:`` mapping over ``defaults``; an unknown key is a ConfigError naming ``what``."""
-    given = spec.get(section) or {}
-    if not isinstance(given, dict):
-        raise ConfigError(f"{section}: expected a mapping, got {given!r}")
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise ConfigError(f"{section}.{unknown[0]}: unknown key for {what} (known: {', '.join(sorted(defaults))})")
-    return {**defaults, **given}

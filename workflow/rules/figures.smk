@@ -1,11 +1,11 @@
 # figures: one job per entry of the config's `figures:` section, drawn from stored artifacts
 # (a surrogate's training dynamics, victim models and their poisoned stores) by
-# `python -m poisonflow.figures <kind>`; written to results/figures/{kind}/{name}.png.
+# `poisonflow figures` (the entry's kind picks the job); written to results/figures/{kind}/{name}.png.
+# The entries are checked against the rest of the config here, before any job.
 
 import re
-import shlex
 
-from poisonflow.figures import check_figures
+from poisonflow.stages.figures import check_figures
 
 try:
     check_figures(CFG.data, CFG.describe)
@@ -44,10 +44,10 @@ rule figure_forgetting:
         figure=figure_names("forgetting"),
     params:
         spec=lambda w: as_json(FIGURES[w.figure]),
-        code=code_hash("poisonflow.figures"),
+        code=code_hash("poisonflow.stages.figures"),
     shell:
-        "python -m poisonflow.figures forgetting --spec {params.spec:q} --clean {input.clean}"
-        " --dynamics {input.dynamics} --out {output}"
+        "poisonflow figures --spec {params.spec:q} --clean {input.clean:q} --dynamics {input.dynamics:q}"
+        " --out {output:q}"
 
 
 rule figure_tsne:
@@ -60,10 +60,9 @@ rule figure_tsne:
     params:
         spec=lambda w: as_json(FIGURES[w.figure]),
         training=lambda w: as_json(CFG.training(FIGURES[w.figure]["training"])),
-        names=lambda w: shlex.join(FIGURES[w.figure]["attacks"]),
-        code=code_hash("poisonflow.figures"),
+        names=lambda w: FIGURES[w.figure]["attacks"],
+        code=code_hash("poisonflow.stages.figures"),
     threads: THREADS
     shell:
-        "python -m poisonflow.figures tsne --spec {params.spec:q} --training {params.training:q}"
-        " --names {params.names} --poison {input.poison} --victims {input.victims} --threads {threads}"
-        " --out {output}"
+        "poisonflow figures --spec {params.spec:q} --training {params.training:q} --names {params.names:q}"
+        " --poison {input.poison:q} --victims {input.victims:q} --threads {threads} --out {output:q}"

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..registry import Registry
+from ..kinds import ATTACKS, UNLEARNABLE, Registry
 
 if TYPE_CHECKING:  # the registry is read when the workflow is parsed: keep numpy/torch out of it
     import numpy as np
@@ -47,33 +47,6 @@ class PoisonContext:
     extra: dict = field(default_factory=dict)
 
 
-ATTACKS = Registry(
-    "attack kind",
-    {
-        "badnets": "poisonflow.attacks.badnets",
-        "blended": "poisonflow.attacks.blended",
-        "wanet": "poisonflow.attacks.wanet",
-        "lc": "poisonflow.attacks.lc",
-        "tuap": "poisonflow.attacks.tuap",
-        # backdoor kinds: add entries above this line
-    },
-)
-
-UNLEARNABLE = Registry(
-    "unlearnable-example kind",
-    {
-        "triggerue": "poisonflow.unlearnable.triggerue",
-        "em": "poisonflow.unlearnable.em",
-        "tap": "poisonflow.unlearnable.tap",
-        "rem": "poisonflow.unlearnable.rem",
-        "entf": "poisonflow.unlearnable.entf",
-        "lsp": "poisonflow.unlearnable.lsp",
-        "ops": "poisonflow.unlearnable.ops",
-        "ar": "poisonflow.unlearnable.ar",
-        "none": "poisonflow.attacks.none",  # no poisoning: the clean reference
-        # unlearnable-example kinds: add entries above this line
-    },
-)
 
 
 def kind_registry(kind: str) -> Registry:

@@ -1,6 +1,6 @@
 """BadNets: a small fixed patch stamped at the same place on every poisoned image.
 
-``trigger:`` keys (defaults in :data:`DEFAULTS`):
+``trigger:`` keys (defaults in ``badnets.yaml`` beside this module):
 
 - ``pattern`` (``checkerboard``): ``checkerboard`` (1 = white; size 3 is exactly
   [[0,0,1],[0,1,0],[1,0,1]], other sizes alternate from a white bottom-right cell with the
@@ -25,9 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import triggers
+from ..kinds import settings_for
 from . import PoisonContext
-
-DEFAULTS = {"pattern": "checkerboard", "size": 3, "position": "bottom-right", "margin": 0}
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ class PatchTrigger:
 
 
 def build(spec: dict, image_size: int, seed: int, context: PoisonContext | None = None) -> PatchTrigger:
-    settings = triggers.trigger_settings(spec, DEFAULTS)
+    settings = settings_for(__name__, spec)["trigger"]
     patch = triggers.patch_pattern(settings["pattern"], settings["size"], triggers.seeded_generator(seed))
     row, col = triggers.patch_position(
         settings["position"], settings["size"], image_size, image_size, settings["margin"]

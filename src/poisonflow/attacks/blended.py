@@ -1,6 +1,6 @@
 """Blended: every poisoned image is mixed with one fixed full-size pattern, (1 − α)·x + α·pattern.
 
-``trigger:`` keys (defaults in :data:`DEFAULTS`):
+``trigger:`` keys (defaults in ``blended.yaml`` beside this module):
 
 - ``alpha`` (0.2): the pattern's weight α, in [0, 1] (the hard-sample paper's Blended-C uses 0.2;
   A-ABL and GSSD use 0.1).
@@ -21,10 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from .. import triggers
+from ..kinds import settings_for
 from . import PoisonContext
 from ..errors import ConfigError
-
-DEFAULTS = {"alpha": 0.2, "pattern": "noise", "path": None}
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ def _alpha(value) -> float:
 
 
 def build(spec: dict, image_size: int, seed: int, context: PoisonContext | None = None) -> BlendTrigger:
-    settings = triggers.trigger_settings(spec, DEFAULTS)
+    settings = settings_for(__name__, spec)["trigger"]
     alpha = _alpha(settings["alpha"])
     name = settings["pattern"]
     if name not in BLEND_PATTERNS:

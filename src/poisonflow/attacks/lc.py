@@ -12,7 +12,7 @@ The surrogate is the entry's ``surrogate:`` (a ``surrogates:`` entry whose train
 ``adversarial:``); the poison stage loads it into ``PoisonContext.surrogate``. A surrogate trained
 without ``adversarial:`` is accepted with a warning (an ablation, not the attack as published).
 
-``trigger:`` keys (defaults in ``DEFAULTS["trigger"]``):
+``trigger:`` keys (defaults in ``lc.yaml`` beside this module):
 
 - ``pattern`` (``checkerboard``): ``checkerboard`` (size 3: [[0,0,1],[0,1,0],[1,0,1]], 1 = white),
   ``white`` (the hard-sample paper's "four-corner all-white" trigger), ``black``, or ``random``
@@ -22,7 +22,7 @@ without ``adversarial:`` is accepted with a warning (an ablation, not the attack
 - ``seed`` (the experiment seed): read by the poison stage and passed to :func:`build`; it draws
   the ``random`` pattern and PGD's random start.
 
-``perturbation:`` keys (defaults in ``DEFAULTS["perturbation"]``; pixel scale [0, 1]):
+``perturbation:`` keys (defaults in ``lc.yaml``; pixel scale [0, 1]):
 
 - ``eps`` (8/255, the hard-sample paper; other papers use 16/255): ℓ∞ budget.
 - ``step`` (2/255): PGD step size (one paper uses 1.5/255).
@@ -42,12 +42,9 @@ import torch
 from .. import triggers
 from ..adversarial import pgd
 from ..errors import ConfigError
+from ..kinds import settings_for
 from . import PoisonContext
 
-DEFAULTS = {
-    "trigger": {"pattern": "checkerboard", "size": 3, "margin": 0},
-    "perturbation": {"eps": 8 / 255, "step": 2 / 255, "steps": 30, "random_start": False, "batch_size": 256},
-}
 
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
 
@@ -107,24 +104,6 @@ def perturb_away_from_labels(model: torch.nn.Module, x: torch.Tensor, y: torch.T
     return out
 
 
-def section_settings(spec: dict, section: str, defaults: dict) -> dict:
-    """The attack's ``section:`` mapping over ``defaults``; an unknown key is a ConfigError."""
-    return triggers.section_settings(spec, section, defaults, "an lc attack")
-
-
-def check_budget(settings: dict) -> None:
-    """eps in (0, 1], step > 0, steps and batch_size positive integers (the schema checks them too)."""
-    eps, step = settings["eps"], settings["step"]
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= 1:
-        raise ConfigError(f"perturbation.eps: expected a number in (0, 1], got {eps!r}")
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0:
-        raise ConfigError(f"perturbation.step: expected a positive number, got {step!r}")
-    for key in ("steps", "batch_size"):
-        value = settings[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"perturbation.{key}: expected a positive integer, got {value!r}")
-
-
 def entry_key(context: PoisonContext | None) -> str:
     """The config key of the attack entry, for messages (``attacks.<name>`` where the caller says so)."""
     return context.extra.get("key", "attack") if context is not None else "attack"
@@ -144,9 +123,8 @@ def robust_surrogate(spec: dict, context: PoisonContext | None) -> torch.nn.Modu
 
 
 def build(spec: dict, image_size: int, seed: int, context: PoisonContext | None = None) -> LabelConsistentTrigger:
-    trigger = triggers.trigger_settings(spec, DEFAULTS["trigger"])
-    perturbation = section_settings(spec, "perturbation", DEFAULTS["perturbation"])
-    check_budget(perturbation)
+    settings = settings_for(__name__, spec)
+    trigger, perturbation = settings["trigger"], settings["perturbation"]
     surrogate = robust_surrogate(spec, context)
     patch = triggers.patch_pattern(trigger["pattern"], trigger["size"], triggers.seeded_generator(seed))
     corners = corner_positions(trigger["size"], image_size, trigger["margin"])

@@ -9,8 +9,5 @@ from __future__ import annotations
 
 import numpy as np
 
-DEFAULTS: dict = {}
-
-
 def protect(spec: dict, images: np.ndarray, labels: np.ndarray, context, seed: int) -> np.ndarray:
     return images.copy()

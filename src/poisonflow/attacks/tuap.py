@@ -16,7 +16,7 @@ epoch), so δ is the same in every process. After each epoch δ is saved in
 ``PoisonContext.workdir`` (with a fingerprint of the settings, surrogate weights and images): a
 killed job resumes from the last finished epoch instead of starting over.
 
-``perturbation:`` keys (defaults in ``DEFAULTS["perturbation"]``; pixel scale [0, 1]):
+``perturbation:`` keys (defaults in ``tuap.yaml`` beside this module; pixel scale [0, 1]):
 
 - ``eps`` (4/255, the hard-sample paper's budget for 32-px images; it uses 8/255 for
   ImageNet-size images): ℓ∞ budget of δ.
@@ -43,13 +43,10 @@ import torch.nn.functional as F
 
 from .. import triggers
 from ..errors import ConfigError
+from ..kinds import settings_for
 from ..trainer import images_to_tensor, to_float
 from . import PoisonContext
 
-DEFAULTS = {
-    "trigger": {},
-    "perturbation": {"eps": 4 / 255, "step": 1 / 255, "epochs": 5, "batch_size": 128, "max_samples": 5000},
-}
 
 CHECKPOINT = "tuap-delta.pt"
 
@@ -144,33 +141,13 @@ def universal_perturbation(model: torch.nn.Module, images: np.ndarray, target: i
     return delta.detach().cpu()
 
 
-def section_settings(spec: dict, section: str, defaults: dict) -> dict:
-    """The attack's ``section:`` mapping over ``defaults``; an unknown key is a ConfigError."""
-    return triggers.section_settings(spec, section, defaults, "a tuap attack")
-
-
-def check_settings(settings: dict) -> None:
-    """eps in (0, 1], step > 0, epochs / batch_size / max_samples positive integers (the schema checks them too)."""
-    eps, step = settings["eps"], settings["step"]
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= 1:
-        raise ConfigError(f"perturbation.eps: expected a number in (0, 1], got {eps!r}")
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0:
-        raise ConfigError(f"perturbation.step: expected a positive number, got {step!r}")
-    for key in ("epochs", "batch_size", "max_samples"):
-        value = settings[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"perturbation.{key}: expected a positive integer, got {value!r}")
-
-
 def entry_key(context: PoisonContext | None) -> str:
     """The config key of the attack entry, for messages (``attacks.<name>`` where the caller says so)."""
     return context.extra.get("key", "attack") if context is not None else "attack"
 
 
 def build(spec: dict, image_size: int, seed: int, context: PoisonContext | None = None) -> UniversalTrigger:
-    triggers.trigger_settings(spec, DEFAULTS["trigger"])  # only ``seed``, which the caller passes as ``seed``
-    settings = section_settings(spec, "perturbation", DEFAULTS["perturbation"])
-    check_settings(settings)
+    settings = settings_for(__name__, spec)["perturbation"]
     if context is None or context.surrogate is None:
         raise ConfigError(f"{entry_key(context)}.surrogate: a tuap attack computes its perturbation on a surrogate "
                           "model; name a surrogates entry (trained on clean data)")

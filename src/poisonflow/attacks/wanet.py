@@ -11,7 +11,7 @@ Noise-mode samples (WaNet's "cross" samples, which keep their labels so the mode
 only this exact warp is the trigger) use the field plus fresh uniform offsets in [−1/H, 1/H)
 per image, clamped to [−1, 1]: :meth:`WarpTrigger.noise`.
 
-``trigger:`` keys (defaults in :data:`DEFAULTS`):
+``trigger:`` keys (defaults in ``wanet.yaml`` beside this module):
 
 - ``k`` (4): control-grid size.
 - ``s`` (0.5): warping strength.
@@ -28,10 +28,9 @@ from dataclasses import dataclass
 import torch
 
 from .. import triggers
+from ..kinds import settings_for
 from . import PoisonContext
 from ..errors import ConfigError
-
-DEFAULTS = {"k": 4, "s": 0.5, "grid_rescale": 1.0, "noise_ratio": 2}
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,7 @@ def _number(settings: dict, key: str, minimum: float, integer: bool = False, str
 
 
 def build(spec: dict, image_size: int, seed: int, context: PoisonContext | None = None) -> WarpTrigger:
-    settings = triggers.trigger_settings(spec, DEFAULTS)
+    settings = settings_for(__name__, spec)["trigger"]
     k = _number(settings, "k", 1, integer=True)
     s = float(_number(settings, "s", 0.0))
     grid_rescale = float(_number(settings, "grid_rescale", 0.0, strict=True))

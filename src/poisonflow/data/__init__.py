@@ -5,19 +5,5 @@
 per-class training counts without building images, for checking a config before any job runs.
 """
 
-from ..registry import Registry
+from ..kinds import SOURCES
 
-SOURCES = Registry(
-    "dataset source",
-    {
-        "digits": "poisonflow.data.digits",
-        "fashion-mnist": "poisonflow.data.fashion_mnist",
-        "cifar10": "poisonflow.data.cifar",
-        "cifar100": "poisonflow.data.cifar100",
-        "svhn": "poisonflow.data.svhn",
-        "gtsrb": "poisonflow.data.gtsrb",
-        "tiny-imagenet": "poisonflow.data.tiny_imagenet",
-        "imagefolder": "poisonflow.data.imagefolder",
-        "synthetic": "poisonflow.data.synthetic",
-    },
-)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import DatasetArrays
-from .cifar import CifarVariant, describe_variant, locate_variant, stream_variant
+from .cifar import NATIVE_SIZE, CifarVariant, describe_variant, locate_variant, stream_variant
 from .streaming import DatasetStream, materialize
 
 BASE_FOLDER = "cifar-100-python"

@@ -16,6 +16,10 @@ from .base import DatasetArrays, apply_subsets, to_rgb_size
 CLASSES = [str(d) for d in range(10)]
 
 
+# The side of the images when image_size is unset (the 8×8 digits upsampled 4×).
+NATIVE_SIZE = 32
+
+
 def _split(spec: dict):
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
@@ -27,7 +31,7 @@ def _split(spec: dict):
 
 def load(spec: dict, key: str = "datasets") -> DatasetArrays:
     images, labels, train, test = _split(spec)
-    size = int(spec.get("image_size", 32))
+    size = int(spec.get("image_size", NATIVE_SIZE))
     mode = spec.get("resize", "nearest")
     arrays = DatasetArrays(to_rgb_size(images[train], size, mode), labels[train],
                            to_rgb_size(images[test], size, mode), labels[test], CLASSES)

@@ -26,7 +26,7 @@ from .imagefolder import file_split, image_files, subset_split
 from .sourcing import cache_dir, image_size, one_line, resize_mode
 from .streaming import DatasetStream, materialize
 
-DEFAULT_IMAGE_SIZE = 32
+NATIVE_SIZE = 32
 DEFAULT_RESIZE = "bilinear"
 DEFAULT_URL = "https://sid.erda.dk/public/archives/daaeac0d7ce1152aea9b61d9f1e19370/"
 FOLDER = "gtsrb"
@@ -141,7 +141,7 @@ def test_samples(base: Path, key: str) -> tuple[list[Path], np.ndarray]:
 
 
 def stream(spec: dict, key: str = "datasets") -> DatasetStream:
-    size = image_size(spec, key, DEFAULT_IMAGE_SIZE)
+    size = image_size(spec, key, NATIVE_SIZE)
     mode = resize_mode(spec, key, DEFAULT_RESIZE)
     base = prepared_base(spec, key)
     train_paths, train_labels = subset_split(*train_samples(base, key), "train_size", spec, key)
@@ -158,7 +158,7 @@ def describe(spec: dict, key: str = "datasets") -> dict:
     """Class names and per-class training counts: counted from the class folders when they are
     there, else the published totals (what the verified training archive holds)."""
     action, base, _ = locate(spec, key)
-    image_size(spec, key, DEFAULT_IMAGE_SIZE)
+    image_size(spec, key, NATIVE_SIZE)
     resize_mode(spec, key, DEFAULT_RESIZE)
     if action == "read":
         totals = np.bincount(train_samples(base, key)[1], minlength=len(CLASSES))

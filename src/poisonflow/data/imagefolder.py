@@ -33,6 +33,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from ..kinds import settings_for
 from ..errors import ConfigError, DataSourceError
 from .archives import extract, fetch
 from .base import DatasetArrays, stratified_indices, subset_counts
@@ -40,12 +41,15 @@ from .sourcing import cache_dir, image_size, one_line, resize_mode
 from .streaming import DatasetStream, SplitStream, materialize
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp", ".tif", ".tiff")
-DEFAULTS = {"train_dir": "train", "test_dir": "val", "image_size": 224, "resize": "bilinear"}
 
 
 # --------------------------------------------------------------------------------------------
 # Reading image files (shared with the GTSRB and Tiny-ImageNet sources)
 # --------------------------------------------------------------------------------------------
+
+# image_size always has a value: its default is in the fragment beside this module.
+NATIVE_SIZE = None
+
 
 def image_files(folder: Path) -> list[Path]:
     """Image files under ``folder`` at any depth, sorted by path; hidden entries are skipped."""
@@ -119,10 +123,6 @@ class FolderSplits:
     classes: list[str]
 
 
-def setting(spec: dict, name: str):
-    return spec.get(name, DEFAULTS[name])
-
-
 def archive_root(spec: dict, key: str) -> Path:
     """Where a downloaded archive goes when ``root`` is unset: a cache folder named by its MD5."""
     if not spec.get("md5"):
@@ -135,20 +135,20 @@ def locate(spec: dict, key: str = "datasets") -> tuple[str, Path]:
     download = bool(spec.get("download", False))
     if spec.get("root") is None and not (download and spec.get("url")):
         raise DataSourceError(f"{key}.root is not set: point it at a folder holding "
-                              f"{setting(spec, 'train_dir')}/<class>/ image folders, "
+                              f"{spec["train_dir"]}/<class>/ image folders, "
                               f"or set {key}.url, {key}.md5 and {key}.download: true")
     root = archive_root(spec, key) if spec.get("root") is None else Path(spec["root"]).expanduser()
-    train_folder = root / setting(spec, "train_dir")
+    train_folder = root / spec["train_dir"]
     if train_folder.is_dir():
         return "read", root
     if download:
         if not spec.get("url"):
-            raise ConfigError(f"{key}.url: set the URL of an archive holding {setting(spec, 'train_dir')}/ to download")
+            raise ConfigError(f"{key}.url: set the URL of an archive holding {spec["train_dir"]}/ to download")
         if not spec.get("md5"):
             raise ConfigError(f"{key}.md5: set the archive's MD5 so the download can be verified")
         return "download", root
     raise DataSourceError(f"{key}.root: {train_folder} does not exist; point {key}.root at the folder holding "
-                          f"{setting(spec, 'train_dir')}/, or set {key}.url, {key}.md5 and {key}.download: true")
+                          f"{spec["train_dir"]}/, or set {key}.url, {key}.md5 and {key}.download: true")
 
 
 def prepared_root(spec: dict, key: str) -> Path:
@@ -157,8 +157,8 @@ def prepared_root(spec: dict, key: str) -> Path:
         archive = root / (Path(urlparse(spec["url"]).path).name or "archive")
         fetch(spec["url"], archive, spec["md5"], spec, key, md5_key=f"{key}.md5")
         extract(archive, root, key)
-        if not (root / setting(spec, "train_dir")).is_dir():
-            raise DataSourceError(f"{key}.url: {archive} holds no {setting(spec, 'train_dir')}/ folder at its top level")
+        if not (root / spec["train_dir"]).is_dir():
+            raise DataSourceError(f"{key}.url: {archive} holds no {spec["train_dir"]}/ folder at its top level")
     return root
 
 
@@ -222,9 +222,9 @@ def split_one_folder(files: list[Path], n_train: int | None, n_test: int, rng: n
 def class_samples(spec: dict, root: Path, folder: str, key: str) -> tuple[list[Path], list[Path]]:
     """(training files, test files) of one class."""
     rng = class_stream(spec, folder)
-    train_folder = root / setting(spec, "train_dir") / folder
+    train_folder = root / spec["train_dir"] / folder
     files = class_files(train_folder, key)
-    test_dir = setting(spec, "test_dir")
+    test_dir = spec["test_dir"]
     if test_dir is None:
         if spec.get("test_per_class") is None:
             raise ConfigError(f"{key}.test_per_class: required when test_dir is null (the test images are "
@@ -238,7 +238,7 @@ def class_samples(spec: dict, root: Path, folder: str, key: str) -> tuple[list[P
 
 
 def folder_splits(spec: dict, root: Path, key: str) -> FolderSplits:
-    folders = class_folders(spec, root / setting(spec, "train_dir"), key)
+    folders = class_folders(spec, root / spec["train_dir"], key)
     splits = FolderSplits([], np.zeros(0, np.int64), [], np.zeros(0, np.int64), class_names(spec, folders, key))
     train_labels, test_labels = [], []
     for label, folder in enumerate(folders):
@@ -253,8 +253,8 @@ def folder_splits(spec: dict, root: Path, key: str) -> FolderSplits:
 
 
 def stream(spec: dict, key: str = "datasets") -> DatasetStream:
-    size = image_size(spec, key, DEFAULTS["image_size"])
-    mode = resize_mode(spec, key, DEFAULTS["resize"])
+    spec = settings_for(__name__, spec, key)
+    size, mode = spec["image_size"], spec["resize"]
     splits = folder_splits(spec, prepared_root(spec, key), key)
     train_paths, train_labels = subset_split(splits.train_paths, splits.train_labels, "train_size", spec, key)
     test_paths, test_labels = subset_split(splits.test_paths, splits.test_labels, "test_size", spec, key)
@@ -273,12 +273,11 @@ def describe(spec: dict, key: str = "datasets") -> dict:
     folder is listed: a large tree on a network disk takes a while); otherwise the class folders
     are listed as ``load`` would. Before a pending download, both must be set.
     """
+    spec = settings_for(__name__, spec, key)
     action, root = locate(spec, key)
-    image_size(spec, key, DEFAULTS["image_size"])
-    resize_mode(spec, key, DEFAULTS["resize"])
     seed = int(spec.get("split_seed", 0))
     if spec.get("classes") is not None and spec.get("train_per_class") is not None:
-        folders = class_folders(spec, root / setting(spec, "train_dir"), key)
+        folders = class_folders(spec, root / spec["train_dir"], key)
         names = class_names(spec, folders, key)
         totals = np.full(len(folders), int(spec["train_per_class"]))
     elif action == "download":

@@ -18,10 +18,9 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ..errors import ConfigError
+from ..kinds import settings_for
 from .base import DatasetArrays
 
-DEFAULTS = {"num_classes": 10, "train_size": 1000, "test_size": 200, "image_size": 32, "seed": 0}
 FREQUENCIES = 4  # cosine frequencies 0..3 per axis: at most 1.5 cycles across the canvas
 PROTOTYPE_SCALE = 0.12  # pixel std of a prototype at gain 1, on the [0, 1] scale
 NUISANCE_SCALE = 0.2  # pixel std of the per-sample smooth nuisance
@@ -32,14 +31,14 @@ CHUNK_PIXELS = 1 << 20
 SPLIT_STREAMS = {"train": 1, "test": 2}  # stream 0 draws the prototypes
 
 
+# image_size always has a value: its default is in the fragment beside this module.
+NATIVE_SIZE = None
+
+
 def settings(spec: dict, key: str) -> dict:
-    """The generator's parameters with defaults filled, checked."""
-    values = {name: int(spec.get(name, default)) for name, default in DEFAULTS.items()}
-    minimum = {"num_classes": 2, "train_size": 1, "test_size": 1, "image_size": 4, "seed": 0}
-    for name, low in minimum.items():
-        if values[name] < low:
-            raise ConfigError(f"{key}.{name}: {values[name]} is below the minimum {low}")
-    return values
+    """The generator's parameters: the entry with ``synthetic.yaml``'s defaults filled, checked."""
+    values = settings_for(__name__, spec, key)
+    return {name: int(values[name]) for name in ("num_classes", "train_size", "test_size", "image_size", "seed")}
 
 
 def max_shift(image_size: int) -> int:

@@ -1,8 +1,10 @@
 """Defenses: config ``kind:`` → a module with ``run(spec, ctx: DefenseContext) -> DefenseResult``.
 
-A defense sees only what a defender has: the released (poisoned) training set, a pool of clean
-data for defenses that assume one, the victim model, and the training recipe. It never sees
-which samples are poisoned; the defense stage scores it against ground truth afterwards.
+A defense sees only what a defender has: the released (poisoned) training set, the reserve (clean
+data held out of the training set before poisoning, never released; defenses that assume clean
+data draw from it), the victim model, and the training recipe. It never sees which samples are
+poisoned, nor the clean twin of any training image; the defense stage scores it against ground
+truth afterwards.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from ..registry import Registry
+from ..kinds import DEFENSES
 
 if TYPE_CHECKING:  # the registry is read when the workflow is parsed: keep numpy/torch out of it
     import numpy as np
@@ -22,8 +24,8 @@ if TYPE_CHECKING:  # the registry is read when the workflow is parsed: keep nump
 class DefenseContext:
     train_images: np.ndarray  # uint8 (N, H, W, 3): the released training set
     train_labels: np.ndarray  # int64 (N,): its labels as released
-    clean_images: np.ndarray  # uint8: the defender's pool of clean data (clean store's train split)
-    clean_labels: np.ndarray
+    reserve_images: np.ndarray  # uint8: the reserve, clean data never released (clean store's reserve/)
+    reserve_labels: np.ndarray
     training: dict  # the victim's resolved training entry (``model`` resolved inside it)
     build_model: Callable[[], torch.nn.Module]  # a fresh, untrained model of the victim's architecture
     victim: torch.nn.Module | None  # the trained victim, weights loaded, eval mode
@@ -47,21 +49,6 @@ class DefenseResult:
     input_flags: np.ndarray | None = None
 
 
-DEFENSES = Registry(
-    "defense kind",
-    {
-        "none": "poisonflow.defenses.none",
-        "aabl": "poisonflow.defenses.aabl",
-        "fine-pruning": "poisonflow.defenses.fine_pruning",
-        "nad": "poisonflow.defenses.nad",
-        "shrinkpad": "poisonflow.defenses.shrinkpad",
-        "autoencoder": "poisonflow.defenses.autoencoder",
-        "strip": "poisonflow.defenses.strip",
-        "sentinet": "poisonflow.defenses.sentinet",
-        "abl": "poisonflow.defenses.abl",
-        # defense kinds: add entries above this line
-    },
-)
 
 
 def with_defaults(spec: dict, defaults: dict, name: str) -> dict:

@@ -11,7 +11,7 @@
 Both training stages and the split are checkpointed in the defense's work directory, so a killed
 job resumes where it stopped. The defense never sees which samples are poisoned.
 
-Spec keys (defaults in :data:`DEFAULTS`): ``stage1`` and ``stage3`` are overrides merged into the
+Spec keys (defaults in ``aabl.yaml`` beside this module): ``stage1`` and ``stage3`` are overrides merged into the
 victim's training entry; ``split`` configures stage 2. The paper's stage-3 recipe (100 epochs,
 SGD lr 0.1, ×0.1 at epochs 50/75/90) belongs in a config preset; by default stage 3 inherits the
 victim's epochs and optimizer. ``stage3: {adversarial: null}`` trains naively on D_vul instead.
@@ -31,36 +31,12 @@ from tqdm.auto import tqdm
 
 from ..adversarial import ifgsm
 from ..errors import ConfigError
+from ..kinds import settings_for
 from ..losses import symmetric_cross_entropy
 from ..thresholds import otsu_threshold
 from ..trainer import images_to_tensor, spec_digest, to_float, train_model
-from . import DefenseContext, DefenseResult, merge, with_defaults
+from . import DefenseContext, DefenseResult, merge
 
-DEFAULTS: dict = {
-    # naive training: overrides of the victim's training entry
-    "stage1": {
-        "epochs": 20,
-        "optimizer": {"name": "adam", "lr": 1e-3, "weight_decay": 0.0},
-        "schedule": {"name": "constant"},
-        "adversarial": None,
-    },
-    "split": {
-        "eps": 2 / 255,  # the paper uses 1/255 for 64-px and larger images
-        "steps": 5,
-        # The paper gives ε and the number of steps for the split but no step size (its study of
-        # the number of steps uses 2/255); null means ε/steps, the usual iFGSM choice.
-        "step": None,
-        "attack_loss": "ce",  # the loss iFGSM maximizes: ce | sce
-        "sce_alpha": 0.1,  # SCE weights of the split score (the paper's CIFAR-10 values)
-        "sce_beta": 1.0,
-        "bins": 256,  # histogram bins of the Otsu threshold
-        "batch_size": 256,  # images attacked at once
-    },
-    # adversarial training on D_vul: overrides of the victim's training entry
-    "stage3": {
-        "adversarial": {"eps": 8 / 255, "step": 2 / 255, "steps": 10},
-    },
-}
 
 ATTACK_LOSSES: dict[str, Callable[[dict], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]] = {
     "ce": lambda split: lambda logits, y: F.cross_entropy(logits, y, reduction="sum"),
@@ -74,32 +50,6 @@ class VulnerabilitySplit:
     kept: np.ndarray  # bool (N,): adversarially vulnerable samples, D_vul
     threshold: float  # Otsu threshold on the SCE of the adversarial examples
     losses: np.ndarray  # float (N,): that per-sample SCE
-
-
-def resolve_spec(spec: dict) -> dict:
-    """The spec with defaults filled in; unknown or out-of-range split keys raise ConfigError."""
-    resolved = with_defaults(spec, DEFAULTS, "aabl")
-    check_split(resolved["split"])
-    return resolved
-
-
-def check_split(split: dict) -> None:
-    unknown = sorted(set(split) - set(DEFAULTS["split"]))
-    if unknown:
-        raise ConfigError(f"aabl.split.{unknown[0]}: unknown key (known: {', '.join(sorted(DEFAULTS['split']))})")
-    if split["attack_loss"] not in ATTACK_LOSSES:
-        raise ConfigError(f"aabl.split.attack_loss: unknown loss '{split['attack_loss']}' "
-                          f"(known: {', '.join(sorted(ATTACK_LOSSES))})")
-    if not float(split["eps"]) > 0:
-        raise ConfigError(f"aabl.split.eps: must be > 0, got {split['eps']}")
-    if int(split["steps"]) < 1:
-        raise ConfigError(f"aabl.split.steps: must be >= 1, got {split['steps']}")
-    if split["step"] is not None and not float(split["step"]) > 0:
-        raise ConfigError(f"aabl.split.step: must be > 0 or null, got {split['step']}")
-    if int(split["bins"]) < 2:
-        raise ConfigError(f"aabl.split.bins: must be >= 2, got {split['bins']}")
-    if int(split["batch_size"]) < 1:
-        raise ConfigError(f"aabl.split.batch_size: must be >= 1, got {split['batch_size']}")
 
 
 def fresh_model(ctx: DefenseContext) -> torch.nn.Module:
@@ -187,7 +137,7 @@ def adversarial_training(ctx: DefenseContext, kept: np.ndarray, stage3: dict) ->
 
 
 def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
-    resolved = resolve_spec(spec)
+    resolved = settings_for(__name__, spec)
     stage1_model = naive_training(ctx, resolved["stage1"])
     split = cached_split(stage1_model, ctx, resolved["split"])
     model = adversarial_training(ctx, split.kept, resolved["stage3"])

@@ -53,40 +53,13 @@ from tqdm.auto import tqdm
 
 from .. import augment
 from ..errors import ConfigError
+from ..kinds import settings_for
 from ..trainer import images_to_tensor, make_optimizer, make_schedule, to_float, train_model
-from . import DefenseContext, DefenseResult, merge, with_defaults
+from . import DefenseContext, DefenseResult, merge
 
 # SGD with Nesterov momentum 0.9 and weight decay 1e-4 in every stage (the paper's CIFAR-10 setup).
 _SGD = {"name": "sgd", "momentum": 0.9, "weight_decay": 1e-4, "nesterov": True}
 
-DEFAULTS: dict = {
-    "isolation_ratio": 0.01,  # fraction of the training set isolated as suspected poisons
-    "gamma": 0.5,  # LGA loss threshold γ
-    "lga": "batch",  # batch: sign of the batch-mean loss | sample: sign of each sample's loss
-    "batch_size": 256,  # images per forward pass when ranking the per-sample losses
-    # isolation: LGA training of a fresh model; overrides of the victim's training entry
-    "isolation": {
-        "epochs": 20,
-        "optimizer": {**_SGD, "lr": 0.1},
-        "schedule": {"name": "constant"},
-        "adversarial": None,
-    },
-    # training on the non-isolated samples, continuing from the isolation model
-    "clean": {
-        "epochs": 60,
-        "optimizer": {**_SGD, "lr": 0.1},
-        "schedule": {"name": "multistep", "milestones": [40], "gamma": 0.1},
-        "adversarial": None,
-    },
-    # gradient ascent on the isolated samples, without augmentation
-    "unlearning": {
-        "epochs": 20,
-        "optimizer": {**_SGD, "lr": 5e-4},
-        "schedule": {"name": "constant"},
-        "augment": [],
-        "adversarial": None,
-    },
-}
 
 # Batch objectives of the isolation stage: per-sample cross entropy and γ → the loss to minimize.
 LGA_FORMS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
@@ -102,23 +75,6 @@ CUSTOM_LOOP_STAGES = ("isolation", "unlearning")
 class Isolation:
     isolated: np.ndarray  # bool (N,): the lowest-loss samples, suspected poisons
     losses: np.ndarray  # float (N,): per-sample cross entropy under the isolation model
-
-
-def resolve_spec(spec: dict) -> dict:
-    """The spec with defaults filled in; unknown or out-of-range keys raise ConfigError."""
-    resolved = with_defaults(spec, DEFAULTS, "abl")
-    if not 0 < float(resolved["isolation_ratio"]) < 1:
-        raise ConfigError(f"abl.isolation_ratio: must be in (0, 1), got {resolved['isolation_ratio']}")
-    if not float(resolved["gamma"]) >= 0:
-        raise ConfigError(f"abl.gamma: must be >= 0, got {resolved['gamma']}")
-    if resolved["lga"] not in LGA_FORMS:
-        raise ConfigError(f"abl.lga: unknown form '{resolved['lga']}' (known: {', '.join(sorted(LGA_FORMS))})")
-    if int(resolved["batch_size"]) < 1:
-        raise ConfigError(f"abl.batch_size: must be >= 1, got {resolved['batch_size']}")
-    for stage in CUSTOM_LOOP_STAGES:
-        if resolved[stage].get("adversarial") is not None:
-            raise ConfigError(f"abl.{stage}.adversarial: must be null (this stage trains on clean inputs)")
-    return resolved
 
 
 # --- losses and the isolation rule -----------------------------------------------------------------
@@ -321,7 +277,7 @@ def unlearn(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, trai
 
 
 def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
-    resolved = resolve_spec(spec)
+    resolved = settings_for(__name__, spec)
     model = isolation_training(ctx, resolved)
     isolation = cached_isolation(model, ctx, resolved)
     kept = ~isolation.isolated

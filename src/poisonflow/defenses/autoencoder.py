@@ -24,33 +24,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..kinds import settings_for
 from ..trainer import data_fingerprint, images_to_tensor, spec_digest, to_float
-from . import DefenseContext, DefenseResult, with_defaults
+from . import DefenseContext, DefenseResult
 from .checkpoint import load_checkpoint, save_checkpoint
 from .clean_data import clean_split
 from .preprocessing import Preprocessed
-
-DEFAULTS: dict = {
-    "clean_fraction": 1.0,  # share of the defender's clean pool the autoencoder is trained on
-    "width": 12,  # channels of the first encoder layer (doubling at each further layer)
-    "depth": 3,  # stride-2 layers in the encoder (the image side must be divisible by 2**depth)
-    "epochs": 100,
-    "batch_size": 16,
-    "lr": 0.001,  # Adam
-}
-
-
-def resolve_spec(spec: dict) -> dict:
-    """The spec with defaults filled in; unknown or out-of-range keys raise ConfigError."""
-    resolved = with_defaults(spec, DEFAULTS, "autoencoder")
-    if not 0 < float(resolved["clean_fraction"]) <= 1:
-        raise ConfigError(f"autoencoder.clean_fraction: must be in (0, 1], got {resolved['clean_fraction']}")
-    for key in ("width", "depth", "epochs", "batch_size"):
-        if int(resolved[key]) < 1:
-            raise ConfigError(f"autoencoder.{key}: must be >= 1, got {resolved[key]}")
-    if not float(resolved["lr"]) > 0:
-        raise ConfigError(f"autoencoder.lr: must be > 0, got {resolved['lr']}")
-    return resolved
 
 
 class ConvAutoencoder(nn.Module):
@@ -137,9 +116,9 @@ def train_autoencoder(model: nn.Module, images: np.ndarray, settings: dict, *, s
 def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
     if ctx.victim is None:
         raise ValueError("defense 'autoencoder' needs the victim model")
-    resolved = resolve_spec(spec)
-    index = clean_split(len(ctx.clean_labels), float(resolved["clean_fraction"]), ctx.seed)
-    images = ctx.clean_images[index]
+    resolved = settings_for(__name__, spec)
+    index = clean_split(len(ctx.reserve_labels), float(resolved["clean_fraction"]), ctx.seed)
+    images = ctx.reserve_images[index]
     autoencoder = build_autoencoder(int(resolved["width"]), int(resolved["depth"]), images.shape[1:3], ctx.seed)
     losses = train_autoencoder(autoencoder, images, resolved, seed=ctx.seed, device=ctx.device,
                                checkpoint=Path(ctx.workdir) / "autoencoder.pt")

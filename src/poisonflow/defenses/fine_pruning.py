@@ -17,34 +17,10 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..kinds import settings_for
 from ..trainer import images_to_tensor, to_float, train_model
-from . import DefenseContext, DefenseResult, merge, with_defaults
+from . import DefenseContext, DefenseResult, merge
 from .clean_data import clean_split
-
-DEFAULTS: dict = {
-    "clean_fraction": 0.05,  # share of the defender's clean pool used to measure and fine-tune
-    "ratio": 0.2,  # share of the last feature map's channels to prune
-    "batch_size": 256,  # images per forward pass when measuring activations
-    # fine-tuning: overrides of the victim's training entry (augmentation stays the victim's)
-    "finetune": {
-        "epochs": 10,
-        "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
-        "schedule": {"name": "constant"},
-        "adversarial": None,
-    },
-}
-
-
-def resolve_spec(spec: dict) -> dict:
-    """The spec with defaults filled in; unknown or out-of-range keys raise ConfigError."""
-    resolved = with_defaults(spec, DEFAULTS, "fine-pruning")
-    if not 0 < float(resolved["clean_fraction"]) <= 1:
-        raise ConfigError(f"fine-pruning.clean_fraction: must be in (0, 1], got {resolved['clean_fraction']}")
-    if not 0 <= float(resolved["ratio"]) < 1:
-        raise ConfigError(f"fine-pruning.ratio: must be in [0, 1), got {resolved['ratio']}")
-    if int(resolved["batch_size"]) < 1:
-        raise ConfigError(f"fine-pruning.batch_size: must be >= 1, got {resolved['batch_size']}")
-    return resolved
 
 
 @torch.no_grad()
@@ -93,9 +69,9 @@ def fine_tune(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, ct
 def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
     if ctx.victim is None:
         raise ValueError("defense 'fine-pruning' needs the victim model")
-    resolved = resolve_spec(spec)
-    index = clean_split(len(ctx.clean_labels), float(resolved["clean_fraction"]), ctx.seed)
-    images, labels = ctx.clean_images[index], ctx.clean_labels[index]
+    resolved = settings_for(__name__, spec)
+    index = clean_split(len(ctx.reserve_labels), float(resolved["clean_fraction"]), ctx.seed)
+    images, labels = ctx.reserve_images[index], ctx.reserve_labels[index]
     model = copy.deepcopy(ctx.victim).to(ctx.device)
     activation = mean_channel_activation(model, images, ctx.device, int(resolved["batch_size"]))
     pruned = least_active_channels(activation, float(resolved["ratio"]))

@@ -44,31 +44,12 @@ from tqdm.auto import tqdm
 
 from .. import augment
 from ..errors import ConfigError
+from ..kinds import settings_for
 from ..trainer import data_fingerprint, images_to_tensor, make_optimizer, make_schedule, spec_digest, train_model
-from . import DefenseContext, DefenseResult, merge, with_defaults
+from . import DefenseContext, DefenseResult, merge
 from .checkpoint import load_checkpoint, save_checkpoint, state_fingerprint
 from .clean_data import clean_split
 
-DEFAULTS: dict = {
-    "clean_fraction": 0.05,  # share of the defender's clean pool for the teacher and the student
-    "beta": 500.0,  # weight of each stage's attention loss
-    "power": 2.0,  # p of the attention map mean_c |A|^p
-    "stages": 3,  # deepest resolution stages of the body whose outputs are distilled
-    "at_distance": "mse",  # mse | l2
-    # teacher fine-tuning: overrides of the victim's training entry
-    "teacher": {
-        "epochs": 10,
-        "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
-        "schedule": {"name": "constant"},
-        "adversarial": None,
-    },
-    # student distillation: overrides of the victim's training entry
-    "student": {
-        "epochs": 20,
-        "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
-        "schedule": {"name": "multistep", "milestones": [2], "gamma": 0.1},
-    },
-}
 
 ATTENTION_EPS = 1e-6  # added to the norm so an all-zero map stays zero
 
@@ -90,23 +71,6 @@ def attention_loss(student: torch.Tensor, teacher: torch.Tensor, power: float = 
                    distance: str = "mse") -> torch.Tensor:
     """AT loss between a student and a teacher feature map of the same shape."""
     return AT_DISTANCES[distance](attention_map(student, power), attention_map(teacher, power))
-
-
-def resolve_spec(spec: dict) -> dict:
-    """The spec with defaults filled in; unknown or out-of-range keys raise ConfigError."""
-    resolved = with_defaults(spec, DEFAULTS, "nad")
-    if not 0 < float(resolved["clean_fraction"]) <= 1:
-        raise ConfigError(f"nad.clean_fraction: must be in (0, 1], got {resolved['clean_fraction']}")
-    if float(resolved["beta"]) < 0:
-        raise ConfigError(f"nad.beta: must be >= 0, got {resolved['beta']}")
-    if not float(resolved["power"]) > 0:
-        raise ConfigError(f"nad.power: must be > 0, got {resolved['power']}")
-    if int(resolved["stages"]) < 1:
-        raise ConfigError(f"nad.stages: must be >= 1, got {resolved['stages']}")
-    if resolved["at_distance"] not in AT_DISTANCES:
-        raise ConfigError(f"nad.at_distance: unknown distance '{resolved['at_distance']}' "
-                          f"(known: {', '.join(sorted(AT_DISTANCES))})")
-    return resolved
 
 
 @torch.no_grad()
@@ -217,9 +181,9 @@ def distill(student: nn.Module, teacher: nn.Module, images: np.ndarray, labels: 
 def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
     if ctx.victim is None:
         raise ValueError("defense 'nad' needs the victim model")
-    resolved = resolve_spec(spec)
-    index = clean_split(len(ctx.clean_labels), float(resolved["clean_fraction"]), ctx.seed)
-    images, labels = ctx.clean_images[index], ctx.clean_labels[index]
+    resolved = settings_for(__name__, spec)
+    index = clean_split(len(ctx.reserve_labels), float(resolved["clean_fraction"]), ctx.seed)
+    images, labels = ctx.reserve_images[index], ctx.reserve_labels[index]
     teacher = fine_tune_teacher(ctx.victim, images, labels, ctx, resolved["teacher"])
     student = distill(copy.deepcopy(ctx.victim), teacher, images, labels, merge(ctx.training, resolved["student"]),
                       resolved, seed=ctx.seed, device=ctx.device, checkpoint=Path(ctx.workdir) / "student.pt")

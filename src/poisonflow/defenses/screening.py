@@ -24,11 +24,6 @@ THRESHOLD_FITS: dict[str, Callable[[np.ndarray, float], float]] = {
 }
 
 
-def check_threshold_fit(name: str, key: str) -> None:
-    if name not in THRESHOLD_FITS:
-        raise ConfigError(f"{key}: unknown threshold fit '{name}' (known: {', '.join(sorted(THRESHOLD_FITS))})")
-
-
 def fitted_threshold(values: np.ndarray, quantile: float, fit: str) -> float:
     """The ``quantile`` of ``values`` (clean scores) under the named fit."""
     values = np.asarray(values, dtype=np.float64)

@@ -38,23 +38,12 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..kinds import settings_for
 from ..trainer import images_to_tensor, to_float
-from . import DefenseContext, DefenseResult, with_defaults
+from . import DefenseContext, DefenseResult
 from .clean_data import clean_split
-from .screening import (background_indices, check_threshold_fit, fitted_threshold, inputs_per_chunk,
+from .screening import (background_indices, fitted_threshold, inputs_per_chunk,
                         probabilities)
-
-DEFAULTS: dict = {
-    "clean_fraction": 0.05,  # share of the defender's clean pool: paste targets and boundary fitting
-    "n": 100,  # clean images each salient region is pasted onto
-    "mask_fraction": 0.05,  # share of the image's pixels in the salient region
-    "bin_width": 0.04,  # width of the inert-confidence bins of the boundary fit
-    "per_bin": 2,  # highest fooled rates kept per bin
-    "degree": 2,  # degree of the boundary polynomial
-    "frr": 0.01,  # false rejection rate on clean inputs that sets the threshold
-    "threshold_fit": "quantile",  # quantile | normal
-    "batch_size": 512,  # images per forward pass
-}
 
 
 @dataclass
@@ -62,25 +51,6 @@ class SentinetPoints:
     predicted: np.ndarray  # int (N,): the victim's class for each input
     fooled: np.ndarray  # float (N,): fraction of pasted clean images classified as that class
     inert_confidence: np.ndarray  # float (N,): mean top probability with noise in the region
-
-
-def resolve_spec(spec: dict) -> dict:
-    """The spec with defaults filled in; unknown or out-of-range keys raise ConfigError."""
-    resolved = with_defaults(spec, DEFAULTS, "sentinet")
-    for key in ("clean_fraction", "mask_fraction"):
-        if not 0 < float(resolved[key]) <= 1:
-            raise ConfigError(f"sentinet.{key}: must be in (0, 1], got {resolved[key]}")
-    for key in ("n", "per_bin", "batch_size"):
-        if int(resolved[key]) < 1:
-            raise ConfigError(f"sentinet.{key}: must be >= 1, got {resolved[key]}")
-    if int(resolved["degree"]) < 0:
-        raise ConfigError(f"sentinet.degree: must be >= 0, got {resolved['degree']}")
-    if not 0 < float(resolved["bin_width"]) <= 1:
-        raise ConfigError(f"sentinet.bin_width: must be in (0, 1], got {resolved['bin_width']}")
-    if not 0 < float(resolved["frr"]) < 1:
-        raise ConfigError(f"sentinet.frr: must be in (0, 1), got {resolved['frr']}")
-    check_threshold_fit(resolved["threshold_fit"], "sentinet.threshold_fit")
-    return resolved
 
 
 def grad_cam(model: torch.nn.Module, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -174,9 +144,9 @@ def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
         raise ValueError("defense 'sentinet' needs the victim model")
     if ctx.screen_images is None:
         raise ValueError("defense 'sentinet' needs test inputs to screen (DefenseContext.screen_images)")
-    resolved = resolve_spec(spec)
+    resolved = settings_for(__name__, spec)
     n, fraction, batch_size = int(resolved["n"]), float(resolved["mask_fraction"]), int(resolved["batch_size"])
-    pool = ctx.clean_images[clean_split(len(ctx.clean_labels), float(resolved["clean_fraction"]), ctx.seed)]
+    pool = ctx.reserve_images[clean_split(len(ctx.reserve_labels), float(resolved["clean_fraction"]), ctx.seed)]
     rng = np.random.default_rng([ctx.seed, 6])
     noise = torch.Generator().manual_seed(int(rng.integers(2**62)))
     own = background_indices(len(pool), n, np.arange(len(pool)), rng, len(pool))

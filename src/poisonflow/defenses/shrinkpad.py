@@ -18,20 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from . import DefenseContext, DefenseResult, with_defaults
+from ..kinds import settings_for
+from . import DefenseContext, DefenseResult
 from .preprocessing import Preprocessed
-
-DEFAULTS: dict = {
-    "size": 4,  # pixels removed from the height and the width (4 for 32-px images)
-}
-
-
-def resolve_spec(spec: dict) -> dict:
-    """The spec with defaults filled in; unknown or out-of-range keys raise ConfigError."""
-    resolved = with_defaults(spec, DEFAULTS, "shrinkpad")
-    if int(resolved["size"]) < 1:
-        raise ConfigError(f"shrinkpad.size: must be >= 1, got {resolved['size']}")
-    return resolved
 
 
 def shrink_pad(x: torch.Tensor, size: int, top: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
@@ -67,9 +56,9 @@ class ShrinkPad(nn.Module):
 def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
     if ctx.victim is None:
         raise ValueError("defense 'shrinkpad' needs the victim model")
-    resolved = resolve_spec(spec)
+    resolved = settings_for(__name__, spec)
     size = int(resolved["size"])
-    side = int(min(ctx.clean_images.shape[1:3]))
+    side = int(min(ctx.train_images.shape[1:3]))
     if size >= side:
         raise ConfigError(f"shrinkpad.size: {size} leaves nothing of a {side}-px image")
     model = Preprocessed(ShrinkPad(size, ctx.seed), ctx.victim).to(ctx.device).eval()

@@ -27,38 +27,12 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..kinds import settings_for
 from ..trainer import images_to_tensor, to_float
-from . import DefenseContext, DefenseResult, with_defaults
+from . import DefenseContext, DefenseResult
 from .clean_data import clean_split
-from .screening import (background_indices, check_threshold_fit, fitted_threshold, inputs_per_chunk,
+from .screening import (background_indices, fitted_threshold, inputs_per_chunk,
                         probabilities)
-
-DEFAULTS: dict = {
-    "clean_fraction": 0.05,  # share of the defender's clean pool: backgrounds and threshold fitting
-    "n": 100,  # superimposed copies per screened input
-    "alpha": 0.5,  # weight of the screened input in the superimposition
-    "beta": 0.5,  # weight of the clean background image
-    "frr": 0.01,  # false rejection rate on clean inputs that sets the threshold
-    "threshold_fit": "quantile",  # quantile | normal
-    "batch_size": 512,  # perturbed images per forward pass
-}
-
-
-def resolve_spec(spec: dict) -> dict:
-    """The spec with defaults filled in; unknown or out-of-range keys raise ConfigError."""
-    resolved = with_defaults(spec, DEFAULTS, "strip")
-    if not 0 < float(resolved["clean_fraction"]) <= 1:
-        raise ConfigError(f"strip.clean_fraction: must be in (0, 1], got {resolved['clean_fraction']}")
-    for key in ("n", "batch_size"):
-        if int(resolved[key]) < 1:
-            raise ConfigError(f"strip.{key}: must be >= 1, got {resolved[key]}")
-    for key in ("alpha", "beta"):
-        if not float(resolved[key]) > 0:
-            raise ConfigError(f"strip.{key}: must be > 0, got {resolved[key]}")
-    if not 0 < float(resolved["frr"]) < 1:
-        raise ConfigError(f"strip.frr: must be in (0, 1), got {resolved['frr']}")
-    check_threshold_fit(resolved["threshold_fit"], "strip.threshold_fit")
-    return resolved
 
 
 def superimpose(inputs: torch.Tensor, backgrounds: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
@@ -93,10 +67,10 @@ def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
         raise ValueError("defense 'strip' needs the victim model")
     if ctx.screen_images is None:
         raise ValueError("defense 'strip' needs test inputs to screen (DefenseContext.screen_images)")
-    resolved = resolve_spec(spec)
+    resolved = settings_for(__name__, spec)
     n, alpha, beta = int(resolved["n"]), float(resolved["alpha"]), float(resolved["beta"])
     batch_size = int(resolved["batch_size"])
-    pool = ctx.clean_images[clean_split(len(ctx.clean_labels), float(resolved["clean_fraction"]), ctx.seed)]
+    pool = ctx.reserve_images[clean_split(len(ctx.reserve_labels), float(resolved["clean_fraction"]), ctx.seed)]
     rng = np.random.default_rng([ctx.seed, 5])
     own = background_indices(len(pool), n, np.arange(len(pool)), rng, len(pool))
     clean_entropy = strip_entropy(ctx.victim, pool, pool, own, alpha, beta, ctx.device, batch_size)

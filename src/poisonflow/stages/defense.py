@@ -16,11 +16,11 @@ import numpy as np
 
 from ..defenses import DEFENSES, DefenseContext
 from ..devices import torch_device
+from ..evaluate import evaluate_store_model
 from ..models import build_model
 from ..store import read_store
 from ..trainer import load_weights, save_weights
 from .common import set_threads, write_json
-from .victim import evaluate_store_model
 
 
 def add_arguments(parser) -> None:
@@ -71,6 +71,17 @@ def detection_metrics(truth: np.ndarray, scores: np.ndarray | None, flags: np.nd
     return out
 
 
+def defender_context(clean, poisoned, **rest) -> DefenseContext:
+    """What a defender has: the released training set (images and labels as released) and the
+    reserve, the clean data held out of the training set before poisoning. Nothing that tells
+    which training samples are poisoned: no ``train/poisoned`` or ``train/true_labels``, and no
+    clean twin of any training image (the clean store's ``train/`` split is not handed over)."""
+    return DefenseContext(
+        train_images=poisoned["train/images"], train_labels=poisoned["train/labels"],
+        reserve_images=clean["reserve/images"], reserve_labels=clean["reserve/labels"],
+        num_classes=len(clean.attrs["classes"]), **rest)
+
+
 def run(args) -> None:
     set_threads(args.threads)
     spec = json.loads(args.spec)
@@ -88,11 +99,8 @@ def run(args) -> None:
 
     victim = load_weights(fresh_model(), Path(args.victim_dir) / "model.pt", device)
     screen_images, screen_truth = screening_set(clean, poisoned, args.seed)
-    context = DefenseContext(
-        train_images=poisoned["train/images"], train_labels=poisoned["train/labels"],
-        clean_images=clean["train/images"], clean_labels=clean["train/labels"],
-        training=training, build_model=fresh_model, victim=victim, seed=args.seed, device=device,
-        workdir=out / "work", num_classes=num_classes, screen_images=screen_images)
+    context = defender_context(clean, poisoned, training=training, build_model=fresh_model, victim=victim,
+                               seed=args.seed, device=device, workdir=out / "work", screen_images=screen_images)
     started = time.perf_counter()
     result = DEFENSES.get(spec["kind"], key=f"defenses.{args.name}.kind").run(spec, context)
     seconds = time.perf_counter() - started

@@ -77,12 +77,13 @@ def poison(attack: dict, seed: int, train_images, train_labels, test_images, tes
     _, count = poison_budget(attack, np.bincount(train_labels, minlength=num_classes).tolist())
     chosen = select(train_labels, attack, count, seed, scores, key=key)
     trigger_spec = attack.get("trigger", {})
-    trigger = ATTACKS.get(attack["kind"], key=f"{key}.kind").build(
+    fragment = ATTACKS.fragment(attack["kind"], key=f"{key}.kind")
+    trigger = ATTACKS.get(attack["kind"]).build(
         attack, train_images.shape[1], int(trigger_spec.get("seed", seed)), context=context)
 
     images = train_images.copy()
     labels = train_labels.copy()
-    if hasattr(trigger, "poison"):  # e.g. a label-consistent perturbation before the trigger
+    if "poison" in fragment.capabilities:  # e.g. a label-consistent perturbation before the trigger
         true_labels = torch.as_tensor(train_labels[chosen])
         images[chosen] = transform_with_labels(train_images[chosen], true_labels, trigger.poison)
     else:
@@ -93,7 +94,7 @@ def poison(attack: dict, seed: int, train_images, train_labels, test_images, tes
     poisoned[chosen] = True
 
     noise_mode = np.zeros(len(labels), dtype=bool)
-    noise_ratio = float(getattr(trigger, "noise_ratio", 0))  # triggers with a noise mode (WaNet)
+    noise_ratio = float(trigger.noise_ratio) if "noise" in fragment.capabilities else 0.0  # WaNet's noise mode
     if noise_ratio > 0:
         rng = np.random.default_rng([seed, 1])
         pool = np.flatnonzero(~poisoned)

@@ -71,18 +71,6 @@ class Sample:
 # --- the attack entry -----------------------------------------------------------------------
 
 
-def schema_for(config_path: Path) -> Path:
-    """The config schema: next to the config's workflow, in the working directory, or in the source tree."""
-    from .. import config as config_module
-
-    relative = config_module.SCHEMA_PATH
-    candidates = [config_path.parent / relative, Path.cwd() / relative, Path(__file__).resolve().parents[3] / relative]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(f"--config: cannot find the config schema ({relative}) next to {config_path} or here")
-
-
 def attack_entry(args) -> tuple[dict, str]:
     """(resolved attacks entry, its config key) from --spec or --config + --attack."""
     if bool(args.spec) == bool(args.config):
@@ -100,7 +88,7 @@ def attack_entry(args) -> tuple[dict, str]:
     from .. import config as config_module
 
     path = Path(args.config)
-    cfg = config_module.load(path, schema_for(path))
+    cfg = config_module.load(path)
     if args.attack not in cfg.data["attacks"]:
         known = ", ".join(sorted(cfg.data["attacks"]))
         raise ConfigError(f"--attack: no attacks entry named '{args.attack}' in {path} (known: {known})")
@@ -114,7 +102,7 @@ def streaming_kind(spec: dict, key: str):
         raise ConfigError(f"{key}.kind: '{kind}' is not an unlearnable-example kind "
                           f"(known: {', '.join(UNLEARNABLE.names())})")
     module = UNLEARNABLE.get(kind, key=f"{key}.kind")
-    if not hasattr(module, "prepare"):
+    if "per-sample" not in UNLEARNABLE.fragment(kind).capabilities:
         raise ConfigError(f"{key}.kind: '{kind}' crafts its perturbations from the whole dataset and cannot "
                           f"protect new images one by one; use a per-sample kind such as triggerue")
     return module

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from ..devices import torch_device
-from ..evaluate import backdoor_metrics
+from ..evaluate import evaluate_store_model
 from ..models import build_model
 from ..store import read_store
 from ..trainer import save_weights, train_model
@@ -22,16 +22,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--poison", required=True, help="poisoned store")
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--threads", type=int, default=1)
-
-
-def evaluate_store_model(model, clean, poisoned, evaluation: dict, device) -> dict:
-    asr_set = ("test/images" in poisoned) and len(poisoned["test/labels"]) > 0
-    return backdoor_metrics(
-        model, clean["test/images"], clean["test/labels"],
-        poisoned["test/images"] if asr_set else None,
-        poisoned["test/labels"] if asr_set else None,
-        poisoned["test/true_labels"] if asr_set else None,
-        device=device, pgd_spec=evaluation.get("pgd"))
 
 
 def run(args) -> None:

@@ -20,7 +20,7 @@ to them with at least ``min_response`` (Σ ReLU of the filter's output on the un
 that the classes' processes are told apart; repeat until there is one process per class (at most
 ``max_attempts`` draws).
 
-Keys (defaults in :data:`DEFAULTS`, the paper's CIFAR-10 settings): ``eps`` 1.0 (ℓ2, for 32×32
+Keys (defaults in ``ar.yaml`` beside this module, the paper's CIFAR-10 settings): ``eps`` 1.0 (ℓ2, for 32×32
 images), ``crop`` 4, ``min_response`` 3, ``max_abs`` 5, ``trials`` 3, ``max_attempts`` 100000.
 """
 
@@ -30,10 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import add_perturbation, batch_slices, class_count, resolve_settings, scale_to_l2, seeded_generator
+from ..kinds import settings_for
+from .common import add_perturbation, batch_slices, class_count, scale_to_l2, seeded_generator
 from ..errors import ConfigError
 
-DEFAULTS: dict = {"eps": 1.0, "crop": 4, "min_response": 3.0, "max_abs": 5.0, "trials": 3, "max_attempts": 100000}
 
 WINDOW = 3  # the AR window is 3×3: 8 coefficients before the current pixel
 CANDIDATES_PER_DRAW = 64  # coefficient candidates generated together (the recursion is batched)
@@ -125,7 +125,7 @@ def autoregressive_noise(labels: np.ndarray, coefficients: torch.Tensor, image_s
 
 
 def protect(spec: dict, images: np.ndarray, labels: np.ndarray, context, seed: int) -> np.ndarray:
-    settings = resolve_settings(spec, DEFAULTS, "ar")
+    settings = settings_for(__name__, spec)
     if images.shape[1] != images.shape[2]:
         raise ValueError(f"ar: square images expected, got {images.shape[1]}×{images.shape[2]}")
     size = images.shape[1] + int(settings["crop"])

@@ -13,7 +13,7 @@ alternation from δ uniform in [−ε, ε]:
 The noise is then the shortcut: it alone explains the labels, so a model trained on x + δ learns
 little about x. Each round is checkpointed in ``context.workdir``.
 
-Keys (defaults in :data:`DEFAULTS`, the paper's CIFAR-10 settings): ``model`` (a models entry,
+Keys (defaults in ``em.yaml`` beside this module, the paper's CIFAR-10 settings): ``model`` (a models entry,
 ``{arch: resnet18, width: 64}``), ``eps`` 8/255, ``step`` 0.8/255, ``steps`` 20, ``train_steps`` 10,
 ``stop_accuracy`` 0.99, ``max_rounds`` 50 (a cap the paper does not have), ``batch_size`` 128,
 ``lr`` 0.1, ``momentum`` 0.9, ``weight_decay`` 5e-4, ``grad_clip`` 5.0. On a CPU, a small surrogate
@@ -27,24 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..kinds import settings_for
 from .common import (BatchCycler, accuracy, add_perturbation, batch_slices, build_surrogate, class_count,
                      context_device, cpu_state, cross_entropy_objective, generation_checkpoint, images_to_float,
-                     resolve_settings, seeded_generator, sgd, sign_gradient_steps, train_step, uniform_start)
-
-DEFAULTS: dict = {
-    "model": {"arch": "resnet18", "width": 64},
-    "eps": 8 / 255,
-    "step": 0.8 / 255,
-    "steps": 20,
-    "train_steps": 10,
-    "stop_accuracy": 0.99,
-    "max_rounds": 50,
-    "batch_size": 128,
-    "lr": 0.1,
-    "momentum": 0.9,
-    "weight_decay": 5e-4,
-    "grad_clip": 5.0,
-}
+                     seeded_generator, sgd, sign_gradient_steps, train_step, uniform_start)
 
 
 @dataclass
@@ -104,7 +90,7 @@ def error_minimizing_noise(images: np.ndarray, labels: np.ndarray, settings: dic
 
 
 def protect(spec: dict, images: np.ndarray, labels: np.ndarray, context, seed: int) -> np.ndarray:
-    settings = resolve_settings(spec, DEFAULTS, "em")
+    settings = settings_for(__name__, spec)
     checkpoint = generation_checkpoint(context, "em", settings, seed, images, labels)
     generation = error_minimizing_noise(images, labels, settings, class_count(labels, context), seed,
                                         context_device(context), checkpoint)

@@ -20,7 +20,7 @@ warning), but is not the method. Faithful simplifications: the centroids are com
 the clean training set (``context.train_images``; the protected images when it is absent), and the
 augmentation during crafting is this package's crop/flip.
 
-Keys (defaults in :data:`DEFAULTS`, the paper's CIFAR-10 settings): ``variant`` pull | push,
+Keys (defaults in ``entf.yaml`` beside this module, the paper's CIFAR-10 settings): ``variant`` pull | push,
 ``eps`` 8/255, ``step`` 0.4/255 (ε/20), ``steps`` 300, ``augment`` [crop, flip], ``crop_padding`` 4,
 ``batch_size`` 512. On a CPU, 30–50 ``steps`` with ``step`` ≈ ε/8.
 """
@@ -32,19 +32,10 @@ import sys
 import numpy as np
 import torch
 
+from ..kinds import settings_for
 from .common import (add_perturbation, augmentation, batch_slices, class_count, images_to_float, model_device,
-                     normal_start, require_surrogate, resolve_settings, seeded_generator, sign_gradient_steps)
+                     normal_start, require_surrogate, seeded_generator, sign_gradient_steps)
 from ..errors import ConfigError
-
-DEFAULTS: dict = {
-    "variant": "pull",
-    "eps": 8 / 255,
-    "step": 0.4 / 255,
-    "steps": 300,
-    "augment": ["crop", "flip"],
-    "crop_padding": 4,
-    "batch_size": 512,
-}
 
 
 @torch.no_grad()
@@ -121,7 +112,7 @@ def warn_if_standard_surrogate(spec: dict) -> None:
 
 
 def protect(spec: dict, images: np.ndarray, labels: np.ndarray, context, seed: int) -> np.ndarray:
-    settings = resolve_settings(spec, DEFAULTS, "entf")
+    settings = settings_for(__name__, spec)
     model = require_surrogate(context, "entf")
     warn_if_standard_surrogate(spec)
     device = model_device(model, context)

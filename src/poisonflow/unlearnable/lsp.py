@@ -17,7 +17,7 @@ LSP builds such perturbations directly, with no model:
 The perturbations are sample-wise, but their class structure (the cluster centroids) is shared
 by each class and different across classes: that is the shortcut.
 
-Keys (defaults in :data:`DEFAULTS`, the paper's CIFAR-10 settings): ``patch_size`` 8 (the paper
+Keys (defaults in ``lsp.yaml`` beside this module, the paper's CIFAR-10 settings): ``patch_size`` 8 (the paper
 uses 32 for 224-px ImageNet images), ``eps`` 6/255, ``class_sep`` 10.
 """
 
@@ -28,10 +28,10 @@ import math
 import numpy as np
 import torch
 
-from .common import add_perturbation, class_count, resolve_settings, scale_to_l2
+from ..kinds import settings_for
+from .common import add_perturbation, class_count, scale_to_l2
 from ..errors import ConfigError
 
-DEFAULTS: dict = {"patch_size": 8, "eps": 6 / 255, "class_sep": 10.0}
 
 ENUMERATE_BELOW = 20  # up to this dimension, distinct hypercube vertices are drawn by enumeration
 
@@ -90,6 +90,6 @@ def synthetic_noise(labels: np.ndarray, num_classes: int, height: int, width: in
 
 
 def protect(spec: dict, images: np.ndarray, labels: np.ndarray, context, seed: int) -> np.ndarray:
-    settings = resolve_settings(spec, DEFAULTS, "lsp")
+    settings = settings_for(__name__, spec)
     delta, _ = synthetic_noise(labels, class_count(labels, context), images.shape[1], images.shape[2], settings, seed)
     return add_perturbation(images, delta)

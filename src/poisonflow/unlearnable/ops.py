@@ -17,7 +17,7 @@ augmentation confuses them. Without ties the search is deterministic. The pertur
 unbounded in ℓ∞ but touches one pixel (ℓ0 = 1). Colour index v has channel bits
 (v >> 2 & 1, v >> 1 & 1, v & 1) over (R, G, B).
 
-Keys (defaults in :data:`DEFAULTS`): ``pixels`` 1, the number of distinct positions set per class
+Keys (defaults in ``ops.yaml`` beside this module): ``pixels`` 1, the number of distinct positions set per class
 (the paper's setting is one).
 """
 
@@ -26,10 +26,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .common import class_count, images_to_float, resolve_settings, seeded_generator
+from ..kinds import settings_for
+from .common import class_count, images_to_float, seeded_generator
 from ..errors import ConfigError
 
-DEFAULTS: dict = {"pixels": 1}
 
 # The 8 corners of the RGB cube, by colour index.
 CORNER_COLOURS = torch.tensor([[(v >> 2) & 1, (v >> 1) & 1, v & 1] for v in range(8)], dtype=torch.float32)
@@ -98,7 +98,7 @@ def set_pixels(images: np.ndarray, labels: np.ndarray, shortcuts: dict) -> np.nd
 
 
 def protect(spec: dict, images: np.ndarray, labels: np.ndarray, context, seed: int) -> np.ndarray:
-    settings = resolve_settings(spec, DEFAULTS, "ops")
+    settings = settings_for(__name__, spec)
     pixels = int(settings["pixels"])
     if not 1 <= pixels <= images.shape[1] * images.shape[2]:
         raise ConfigError(f"ops.pixels: must be between 1 and the number of pixels, got {pixels}")

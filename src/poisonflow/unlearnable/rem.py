@@ -14,7 +14,7 @@ step of adversarial training on t(x + δ) + ρ (learning rate × ``lr_decay`` ev
 steps). At the end, δ is generated afresh for every sample on the final source model. The model is
 checkpointed in ``context.workdir`` every :data:`CHECKPOINT_EVERY` steps.
 
-Keys (defaults in :data:`DEFAULTS`, the paper's CIFAR-10 settings): ``model``
+Keys (defaults in ``rem.yaml`` beside this module, the paper's CIFAR-10 settings): ``model``
 ``{arch: resnet18, width: 64}``, ``eps`` 8/255, ``step`` 1.6/255, ``steps`` 10, ``adv_eps`` 4/255
 (ε_a; the paper uses ε_a ≤ ε), ``adv_step`` 0.8/255, ``adv_steps`` 10, ``eot_samples`` 5,
 ``augment`` [crop, flip] with ``crop_padding`` 4, ``train_steps`` 5000, ``perturb_every`` 1,
@@ -34,31 +34,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..kinds import settings_for
 from .common import (BatchCycler, add_perturbation, augmentation, batch_slices, build_surrogate, class_count,
                      context_device, cpu_state, cross_entropy_objective, generation_checkpoint, images_to_float,
-                     resolve_settings, seeded_generator, sgd, sign_gradient_steps, train_step,
+                     seeded_generator, sgd, sign_gradient_steps, train_step,
                      uniform_start)
 
-DEFAULTS: dict = {
-    "model": {"arch": "resnet18", "width": 64},
-    "eps": 8 / 255,
-    "step": 1.6 / 255,
-    "steps": 10,
-    "adv_eps": 4 / 255,
-    "adv_step": 0.8 / 255,
-    "adv_steps": 10,
-    "eot_samples": 5,
-    "augment": ["crop", "flip"],
-    "crop_padding": 4,
-    "train_steps": 5000,
-    "perturb_every": 1,
-    "batch_size": 128,
-    "lr": 0.1,
-    "momentum": 0.9,
-    "weight_decay": 5e-4,
-    "lr_decay": 0.1,
-    "lr_decay_every": 2000,
-}
 
 CHECKPOINT_EVERY = 50  # source-model steps between checkpoints: a resumed job loses at most this many
 
@@ -156,7 +137,7 @@ def robust_error_minimizing_noise(images: np.ndarray, labels: np.ndarray, settin
 
 
 def protect(spec: dict, images: np.ndarray, labels: np.ndarray, context, seed: int) -> np.ndarray:
-    settings = resolve_settings(spec, DEFAULTS, "rem")
+    settings = settings_for(__name__, spec)
     checkpoint = generation_checkpoint(context, "rem", settings, seed, images, labels)
     generation = robust_error_minimizing_noise(images, labels, settings, class_count(labels, context), seed,
                                                context_device(context), checkpoint)

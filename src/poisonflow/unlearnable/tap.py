@@ -13,7 +13,7 @@ survives the victim's augmentation). With ``restarts`` > 1 the whole dataset is 
 times from different starts and the restart whose final target loss (on un-augmented images) is
 lowest is kept.
 
-Keys (defaults in :data:`DEFAULTS`, the paper's CIFAR-10 settings): ``eps`` 8/255, ``step``
+Keys (defaults in ``tap.yaml`` beside this module, the paper's CIFAR-10 settings): ``eps`` 8/255, ``step``
 0.4/255 (ε/20), ``steps`` 250, ``restarts`` 1, ``augment`` [crop, flip], ``crop_padding`` 4,
 ``batch_size`` 512 (images crafted at once). Cost: ``steps`` × ``restarts`` forward-backward passes
 over the protected set on the surrogate; on a CPU, 20–50 ``steps`` with ``step`` ≈ ε/8 keep most of
@@ -26,19 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..kinds import settings_for
 from .common import (add_perturbation, augmentation, batch_slices, class_count, cross_entropy_objective,
-                     images_to_float, model_device, normal_start, require_surrogate, resolve_settings,
-                     seeded_generator, sign_gradient_steps)
-
-DEFAULTS: dict = {
-    "eps": 8 / 255,
-    "step": 0.4 / 255,
-    "steps": 250,
-    "restarts": 1,
-    "augment": ["crop", "flip"],
-    "crop_padding": 4,
-    "batch_size": 512,
-}
+                     images_to_float, model_device, normal_start, require_surrogate, seeded_generator, sign_gradient_steps)
 
 
 def target_classes(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -83,7 +73,7 @@ def targeted_adversarial_noise(model, images: np.ndarray, labels: np.ndarray, nu
 
 
 def protect(spec: dict, images: np.ndarray, labels: np.ndarray, context, seed: int) -> np.ndarray:
-    settings = resolve_settings(spec, DEFAULTS, "tap")
+    settings = settings_for(__name__, spec)
     model = require_surrogate(context, "tap")
     delta = targeted_adversarial_noise(model, images, labels, class_count(labels, context), settings, seed,
                                        model_device(model, context))

@@ -42,7 +42,7 @@ produce exactly the bytes the batch stage produces, given the same device, threa
 class list, so with ``surrogate_kind: clip`` the class list is part of the input: protect new
 images with the same list (new classes appended) as the images released before.
 
-Keys (defaults in :data:`DEFAULTS`; ``rate`` and ``surrogate`` are the poison stage's):
+Keys (defaults in ``triggerue.yaml`` beside this module; ``rate`` and ``surrogate`` are the poison stage's):
 
 - ``surrogate_kind``: ``trained`` | ``clip``; ``clip``: see :mod:`poisonflow.clip_surrogate`.
 - ``eps`` (8/255), ``step`` (0.05, see above), ``steps`` (20): the PGD of feature elimination.
@@ -66,74 +66,13 @@ from torch import nn
 from .. import clip_surrogate, triggers
 from ..adversarial import pgd
 from ..errors import ConfigError
+from ..kinds import settings_for
 from .common import ENTRY_KEYS, entry_key, float_to_images, images_to_float, seeded_generator
 
-TRIGGER_DEFAULTS = {"k": 4, "s": 0.5, "grid_rescale": 1.0}
-DEFAULTS = {
-    "surrogate_kind": "trained",
-    "clip": dict(clip_surrogate.DEFAULTS),
-    "eps": 8 / 255,
-    "step": 0.05,
-    "steps": 20,
-    "components": ["features", "trigger"],
-    "trigger": dict(TRIGGER_DEFAULTS),
-    "batch_size": 64,
-}
 # The paper's order: eliminate features first, then warp; ``components`` only switches steps off.
 COMPONENT_ORDER = ("features", "trigger")
 
 Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (float images, labels) → float images
-
-
-# --- settings -------------------------------------------------------------------------------
-
-
-def _number(value, key: str, minimum: float, *, integer: bool = False, strict: bool = False,
-            maximum: float | None = None):
-    kinds = (int,) if integer else (int, float)
-    if (isinstance(value, bool) or not isinstance(value, kinds) or value < minimum
-            or (strict and value == minimum) or (maximum is not None and value > maximum)):
-        bound = f"{'>' if strict else '>='} {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
-        raise ConfigError(f"{key}: expected {'an integer' if integer else 'a number'} {bound}, got {value!r}")
-    return value
-
-
-def trigger_settings(given: dict | None, key: str) -> dict:
-    """The ``trigger:`` mapping over :data:`TRIGGER_DEFAULTS` (``seed`` passes through), checked."""
-    given = dict(given or {})
-    unknown = sorted(set(given) - set(TRIGGER_DEFAULTS) - {"seed"})
-    if unknown:
-        raise ConfigError(f"{key}.{unknown[0]}: unknown key (known: {', '.join(sorted(TRIGGER_DEFAULTS))}, seed)")
-    merged = {**TRIGGER_DEFAULTS, **given}
-    _number(merged["k"], f"{key}.k", 2, integer=True)
-    _number(merged["s"], f"{key}.s", 0.0)
-    _number(merged["grid_rescale"], f"{key}.grid_rescale", 0.0, strict=True)
-    if "seed" in merged and merged["seed"] is not None:
-        _number(merged["seed"], f"{key}.seed", 0, integer=True)
-    return merged
-
-
-def settings(spec: dict, key: str = "attack") -> dict:
-    """The entry over :data:`DEFAULTS`, nested mappings merged key by key; bad values are ConfigErrors."""
-    unknown = sorted(set(spec) - set(DEFAULTS) - ENTRY_KEYS)
-    if unknown:
-        raise ConfigError(f"{key}.{unknown[0]}: unknown key for a triggerue entry (known: {', '.join(sorted(DEFAULTS))})")
-    merged = copy.deepcopy(DEFAULTS)
-    merged.update({name: copy.deepcopy(value) for name, value in spec.items() if name in DEFAULTS})
-    merged["clip"] = clip_surrogate.settings(spec.get("clip"), f"{key}.clip")
-    merged["trigger"] = trigger_settings(spec.get("trigger"), f"{key}.trigger")
-    if merged["surrogate_kind"] not in SURROGATES:
-        raise ConfigError(f"{key}.surrogate_kind: expected one of {', '.join(SURROGATES)}, got {merged['surrogate_kind']!r}")
-    _number(merged["eps"], f"{key}.eps", 0.0, strict=True, maximum=1.0)
-    _number(merged["step"], f"{key}.step", 0.0, strict=True, maximum=1.0)
-    _number(merged["steps"], f"{key}.steps", 1, integer=True)
-    _number(merged["batch_size"], f"{key}.batch_size", 1, integer=True)
-    components = merged["components"]
-    if (not isinstance(components, list) or not components or len(set(components)) != len(components)
-            or not set(components) <= set(COMPONENT_ORDER)):
-        raise ConfigError(f"{key}.components: expected a non-empty list of distinct names from "
-                          f"{', '.join(COMPONENT_ORDER)}, got {components!r}")
-    return merged
 
 
 # --- trigger injection ----------------------------------------------------------------------
@@ -271,7 +210,7 @@ def trigger_step(config: dict, seed: int, device: torch.device) -> Step:
 def prepare(spec: dict, context, seed: int) -> Protector:
     """A :class:`Protector` for the entry: surrogate loaded once, class grids drawn on first use."""
     key = entry_key(context)
-    config = settings(spec, key)
+    config = settings_for(__name__, spec, key)
     device = torch.device(getattr(context, "device", None) or "cpu")
     builders = {
         "features": lambda: feature_step(config, context, key),

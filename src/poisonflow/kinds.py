@@ -1,0 +1,286 @@
+"""Kinds from their schema fragments: the registries and the assembled config schema.
+
+A kind is a module plus a YAML fragment beside it (``attacks/badnets.py`` + ``attacks/badnets.yaml``).
+The fragment is the one place of the kind's keys, types, ranges, defaults and descriptions::
+
+    kind: badnets               # the config name (``kind:``, or ``source:`` for datasets)
+    role: backdoor              # backdoor | unlearnable | defense | source
+    summary: one line for the docs and the schema
+    properties: {...}           # JSON Schema of the kind's own keys (the role's common keys are added)
+    required: [...]             # optional, likewise allOf
+    include: [downloadKeys]     # optional: further key groups of the base schema's $defs
+    capabilities: [poison]      # optional, declared behaviour the stages read (see CAPABILITIES)
+    checks: {...}               # optional, declared checks against the dataset (see poisonflow.config)
+
+The registries are found by reading the fragments of the kind folders (:data:`FOLDERS`); no kind
+module, and so neither numpy nor torch, is imported: the workflow is parsed on every run. The base
+schema (``config.schema.yaml`` in this package) leaves the ``allOf`` of the ``dataset``, ``attack``
+and ``defense`` definitions empty; :func:`config_schema` fills them with one ``if kind: … then:``
+block per fragment. A kind module reads its settings with :func:`settings_for`, which fills the
+fragment's defaults and checks the ranges with the same schema the config is validated against.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from .errors import ConfigError
+from .registry import Registry as BaseRegistry
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+BASE_SCHEMA = PACKAGE_DIR / "config.schema.yaml"
+FOLDERS = ("attacks", "unlearnable", "defenses", "data")
+
+# Behaviour a backdoor kind can declare in its fragment's ``capabilities:``.
+CAPABILITIES = {
+    "poison": "its trigger makes the poisoned training samples itself (trigger.poison(x, y)), e.g. a "
+              "label-consistent perturbation before the trigger; otherwise trigger.apply(x) is used",
+    "noise": "its trigger has a noise mode (trigger.noise(x, generator), trigger.noise_ratio): extra "
+             "samples modified without the trigger that keep their label (WaNet)",
+    "per-sample": "an unlearnable-example kind whose module has prepare(spec, context, seed) returning a "
+                  "function that protects any chunk of images independently (poisonflow protect)",
+}
+
+
+@dataclass(frozen=True)
+class Role:
+    """How the kinds of one role enter the config: section, schema definition, common keys."""
+    name: str
+    what: str  # in messages: "unknown <what> 'x'"
+    section: str  # config section of the entries
+    definition: str  # the base schema's $defs entry whose allOf receives the kind blocks
+    discriminator: str  # the key naming the kind in an entry
+    common: str  # $defs entry with the keys every kind of the role takes
+    heading: str  # in the generated docs
+
+
+ROLES = {
+    "backdoor": Role("backdoor", "attack kind", "attacks", "attack", "kind", "backdoorKeys", "Backdoor attacks"),
+    "unlearnable": Role("unlearnable", "unlearnable-example kind", "attacks", "attack", "kind", "unlearnableKeys",
+                        "Unlearnable examples"),
+    "defense": Role("defense", "defense kind", "defenses", "defense", "kind", "defenseKeys", "Defenses"),
+    "source": Role("source", "dataset source", "datasets", "dataset", "source", "datasetKeys", "Dataset sources"),
+}
+FRAGMENT_KEYS = {"kind", "role", "summary", "properties", "required", "allOf", "include", "capabilities", "checks"}
+
+
+@dataclass(frozen=True)
+class Fragment:
+    kind: str
+    role: Role
+    module: str  # dotted name of the implementing module
+    path: Path
+    summary: str
+    properties: dict = field(default_factory=dict)
+    required: tuple = ()
+    all_of: tuple = ()
+    include: tuple = ()
+    capabilities: frozenset = frozenset()
+    checks: dict = field(default_factory=dict)
+
+    def block(self, definitions: dict) -> dict:
+        """The JSON Schema of an entry of this kind: the role's common keys, included groups, own keys."""
+        properties: dict = {self.role.discriminator: True}
+        for group in (self.role.common, *self.include):
+            properties.update(copy.deepcopy(definitions[group]["properties"]))
+        properties.update(copy.deepcopy(self.properties))
+        block = {"description": self.summary, "type": "object", "additionalProperties": False,
+                 "properties": properties}
+        if self.required:
+            block["required"] = list(self.required)
+        if self.all_of:
+            block["allOf"] = copy.deepcopy(list(self.all_of))
+        return block
+
+
+def _fragment_error(path: Path, message: str) -> ConfigError:
+    return ConfigError(f"{path}: {message}")
+
+
+def read_fragment(path: Path) -> Fragment:
+    """Parse and check one fragment file; a malformed one is a ConfigError naming the file."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise _fragment_error(path, f"not valid YAML ({error})") from None
+    if not isinstance(data, dict):
+        raise _fragment_error(path, "a fragment is a mapping")
+    unknown = sorted(set(data) - FRAGMENT_KEYS)
+    if unknown:
+        raise _fragment_error(path, f"unknown key '{unknown[0]}' (known: {', '.join(sorted(FRAGMENT_KEYS))})")
+    for key in ("kind", "role", "summary"):
+        if not isinstance(data.get(key), str) or not data[key]:
+            raise _fragment_error(path, f"'{key}' must be a non-empty string")
+    if data["role"] not in ROLES:
+        raise _fragment_error(path, f"role '{data['role']}' is not one of {', '.join(ROLES)}")
+    capabilities = frozenset(data.get("capabilities") or ())
+    if not capabilities <= set(CAPABILITIES):
+        raise _fragment_error(path, f"unknown capability (known: {', '.join(CAPABILITIES)})")
+    if not path.with_suffix(".py").is_file():
+        raise _fragment_error(path, f"no module {path.with_suffix('.py').name} beside it")
+    module = ".".join(("poisonflow", *path.relative_to(PACKAGE_DIR).with_suffix("").parts))
+    return Fragment(
+        kind=data["kind"], role=ROLES[data["role"]], module=module, path=path, summary=" ".join(data["summary"].split()),
+        properties=data.get("properties") or {}, required=tuple(data.get("required") or ()),
+        all_of=tuple(data.get("allOf") or ()), include=tuple(data.get("include") or ()),
+        capabilities=capabilities, checks=data.get("checks") or {},
+    )
+
+
+@lru_cache(maxsize=None)
+def fragments() -> tuple[Fragment, ...]:
+    """Every fragment of the kind folders, in folder then file order; a duplicate kind is an error."""
+    found: list[Fragment] = []
+    seen: dict[tuple[str, str], Path] = {}
+    for folder in FOLDERS:
+        for path in sorted((PACKAGE_DIR / folder).glob("*.yaml")):
+            fragment = read_fragment(path)
+            slot = (fragment.role.section, fragment.kind)
+            if slot in seen:
+                raise _fragment_error(path, f"kind '{fragment.kind}' is also declared by {seen[slot]}")
+            seen[slot] = path
+            found.append(fragment)
+    return tuple(found)
+
+
+class Registry(BaseRegistry):
+    """The kinds of one or more roles: config name → module, found from the fragments."""
+
+    def __init__(self, *roles: str, what: str | None = None):
+        self.roles = tuple(ROLES[name] for name in roles)
+        super().__init__(what or self.roles[0].what, {})
+
+    def fragments(self) -> dict[str, Fragment]:
+        return {f.kind: f for f in fragments() if f.role in self.roles}
+
+    def entries(self) -> dict[str, str]:
+        return {kind: fragment.module for kind, fragment in self.fragments().items()}
+
+    def fragment(self, name: str, key: str | None = None) -> Fragment:
+        self.target(name, key)  # the unknown-kind message
+        return self.fragments()[name]
+
+
+# The attacks section holds both roles: an unknown kind lists them all.
+ATTACKS = Registry("backdoor")
+UNLEARNABLE = Registry("unlearnable")
+ATTACK_KINDS = Registry("backdoor", "unlearnable", what="attack kind (backdoor or unlearnable example)")
+DEFENSES = Registry("defense")
+SOURCES = Registry("source")
+
+
+# -- the assembled schema ---------------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def base_schema() -> dict:
+    return yaml.safe_load(BASE_SCHEMA.read_text())
+
+
+def kind_list(role_names: tuple[str, ...]) -> str:
+    by_role = {name: sorted(f.kind for f in fragments() if f.role.name == name) for name in role_names}
+    return "; ".join(f"{ROLES[name].heading.lower()}: {' | '.join(kinds)}" for name, kinds in by_role.items())
+
+
+@lru_cache(maxsize=1)
+def config_schema() -> dict:
+    """The base schema with one ``if/then`` block per fragment in its definition's ``allOf``."""
+    schema = copy.deepcopy(base_schema())
+    definitions = schema["$defs"]
+    for fragment in fragments():
+        role = fragment.role
+        target = definitions[role.definition]
+        target["allOf"].append({"if": {"properties": {role.discriminator: {"const": fragment.kind}},
+                                       "required": [role.discriminator]},
+                                "then": fragment.block(definitions)})
+    for definition, role_names in (("attack", ("backdoor", "unlearnable")), ("defense", ("defense",)),
+                                   ("dataset", ("source",))):
+        discriminator = ROLES[role_names[0]].discriminator
+        definitions[definition]["properties"][discriminator]["description"] = kind_list(role_names)
+    return schema
+
+
+# -- settings of one kind ---------------------------------------------------------------------
+
+def _extend_with_defaults(validator_class):
+    set_properties = validator_class.VALIDATORS["properties"]
+
+    def properties_with_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if isinstance(subschema, dict) and "default" in subschema and name not in instance:
+                    instance[name] = copy.deepcopy(subschema["default"])
+        yield from set_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": properties_with_defaults})
+
+
+DefaultFillingValidator = _extend_with_defaults(jsonschema.Draft202012Validator)
+
+
+def key_of(path, prefix: str = "") -> str:
+    out = prefix
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(config)"
+
+
+def error_message(error: jsonschema.ValidationError, prefix: str = "") -> str:
+    # if/then errors nest the useful message; report the deepest one
+    while error.context:
+        error = max(error.context, key=lambda e: len(e.absolute_path))
+    message = error.message
+    if error.validator == "additionalProperties":
+        message = message.replace("Additional properties are not allowed", "unknown key")
+    return f"{key_of(error.absolute_path, prefix)}: {message}"
+
+
+def fill_and_check(instance: Any, schema: dict, prefix: str = "", strict: bool = True) -> Any:
+    """A copy of ``instance`` with the schema's defaults filled, or a ConfigError naming the key
+    (``strict=False``: defaults only, errors ignored)."""
+    instance = copy.deepcopy(instance)
+    errors = sorted(DefaultFillingValidator(schema).iter_errors(instance),
+                    key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
+    if errors and strict:
+        raise ConfigError(error_message(errors[0], prefix))
+    return instance
+
+
+@lru_cache(maxsize=None)
+def kind_schema(module: str) -> dict:
+    """The entry schema of the kind implemented by ``module`` (with the base definitions for $ref)."""
+    fragment = fragment_of(module)
+    definitions = config_schema()["$defs"]
+    return {"$defs": definitions, **fragment.block(definitions)}
+
+
+def fragment_of(module: str) -> Fragment:
+    for fragment in fragments():
+        if fragment.module == module:
+            return fragment
+    raise ValueError(f"{module} has no schema fragment beside it")
+
+
+def settings_for(module: str, spec: dict | None, key: str | None = None) -> dict:
+    """An entry of the kind implemented by ``module`` with its fragment's defaults filled and
+    checked. Pass the module's ``__name__``; ``key`` prefixes messages (default: the kind)."""
+    fragment = fragment_of(module)
+    entry = dict(spec or {})
+    entry.setdefault(fragment.role.discriminator, fragment.kind)
+    schema = {name: value for name, value in kind_schema(module).items() if name != "required"}
+    # required keys name other config entries (a surrogate): the config's concern, not the module's
+    return fill_and_check(entry, schema, key or fragment.kind)
+
+
+def defaults_of(module: str) -> dict:
+    """The kind's settings when an entry gives nothing but its kind (the role's common keys
+    included; a required key without a default stays absent)."""
+    fragment = fragment_of(module)
+    return fill_and_check({fragment.role.discriminator: fragment.kind}, kind_schema(module), strict=False)

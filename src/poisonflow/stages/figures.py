@@ -1,0 +1,186 @@
+"""figures stage: one entry of the config's ``figures:`` section, drawn from stored artifacts →
+``results/figures/{kind}/{name}.png``.
+
+The entry (``--spec``, validated, schema defaults filled) names its ``kind``; each kind is a
+:class:`FigureKind`: the inputs it reads, the check of its entry against the rest of the config
+(run when the workflow is parsed), and the job that reads the artifacts and draws with
+:mod:`poisonflow.figures`:
+
+- ``forgetting`` reads the surrogate's ``dynamics.npz`` (``--dynamics``) and the clean store
+  (``--clean``: training labels, class names);
+- ``tsne`` reads one victim ``model.pt`` (``--victims``) and its poisoned store (``--poison``) per
+  attack (``--names``), with the victims' resolved trainings entry (``--training``); features on
+  the CPU.
+
+The workflow imports this module to check the ``figures:`` entries (:func:`check_figures`), so
+torch and the store are imported inside the jobs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..figures import forgetting_histogram, tsne_embedding, tsne_panels
+from .common import set_threads
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--spec", required=True, help="the figures entry (JSON, defaults filled); its kind "
+                                                      f"({', '.join(KINDS)}) picks the job and its inputs")
+    parser.add_argument("--out", required=True, help="the PNG to write")
+    parser.add_argument("--clean", help="forgetting: clean store (training labels, class names)")
+    parser.add_argument("--dynamics", help="forgetting: the surrogate's dynamics.npz")
+    parser.add_argument("--training", help="tsne: the victims' resolved trainings entry (JSON)")
+    parser.add_argument("--names", nargs="+", help="tsne: attack names, one per panel")
+    parser.add_argument("--poison", nargs="+", help="tsne: poisoned stores, one per attack")
+    parser.add_argument("--victims", nargs="+", help="tsne: victim model.pt files, one per attack")
+    parser.add_argument("--threads", type=int, default=1)
+
+
+def run(args) -> None:
+    entry = json.loads(args.spec)
+    kind = KINDS.get(entry.get("kind"))
+    if kind is None:
+        raise ConfigError(f"--spec: unknown figure kind '{entry.get('kind')}' (known: {', '.join(KINDS)})")
+    missing = [f"--{name}" for name in kind.inputs if getattr(args, name) is None]
+    if missing:
+        raise ConfigError(f"--spec: a {entry['kind']} figure needs {', '.join(missing)}")
+    print(kind.draw(entry, args))
+
+
+# --------------------------------------------------------------------------------------------
+# Checks of the ``figures:`` entries against the rest of the config (at parse time)
+# --------------------------------------------------------------------------------------------
+
+def check_figures(config: dict, describe: Callable[[str], dict]) -> None:
+    """Check that every ``figures:`` entry names existing entries; ConfigError naming the key if not.
+
+    ``config`` is the validated config (schema defaults filled, kinds known); ``describe(dataset)``
+    gives the dataset's class names and per-class training counts.
+    """
+    for name, entry in config.get("figures", {}).items():
+        KINDS[entry["kind"]].check(config, entry, f"figures.{name}", describe)
+
+
+def _check_name(config: dict, section: str, name: str, key: str) -> None:
+    if name not in config.get(section, {}):
+        known = ", ".join(sorted(config.get(section, {}))) or "none"
+        raise ConfigError(f"{key}: no {section} entry named '{name}' (known: {known})")
+
+
+def check_forgetting(config: dict, entry: dict, key: str, describe: Callable[[str], dict]) -> None:
+    _check_name(config, "datasets", entry["dataset"], f"{key}.dataset")
+    _check_name(config, "surrogates", entry["surrogate"], f"{key}.surrogate")
+    classes = len(describe(entry["dataset"])["train_counts"])
+    if entry["class"] >= classes:
+        raise ConfigError(f"{key}.class: class {entry['class']} is outside dataset '{entry['dataset']}' "
+                          f"({classes} classes, 0..{classes - 1})")
+
+
+def check_tsne(config: dict, entry: dict, key: str, describe: Callable[[str], dict]) -> None:
+    _check_name(config, "datasets", entry["dataset"], f"{key}.dataset")
+    _check_name(config, "trainings", entry["training"], f"{key}.training")
+    for i, attack in enumerate(entry["attacks"]):
+        _check_name(config, "attacks", attack, f"{key}.attacks[{i}]")
+
+
+# --------------------------------------------------------------------------------------------
+# forgetting: a surrogate's training dynamics → histogram of one class (hard-sample paper, Fig. 3)
+# --------------------------------------------------------------------------------------------
+
+def class_forgetting_events(correct: np.ndarray, labels: np.ndarray, cls: int) -> np.ndarray:
+    """Forgetting events of the training samples of class ``cls`` from the (epochs, N) correctness."""
+    from ..scores import forgetting_events
+
+    labels = np.asarray(labels)
+    if np.asarray(correct).shape[1] != len(labels):
+        raise ValueError(f"dynamics cover {np.asarray(correct).shape[1]} samples, the store has {len(labels)}")
+    return forgetting_events(correct)[labels == cls]
+
+
+def draw_forgetting(entry: dict, args) -> Path:
+    from ..store import read_store
+
+    clean = read_store(args.clean)
+    with np.load(args.dynamics) as stored:
+        correct = stored["correct"]
+    cls = int(entry["class"])
+    events = class_forgetting_events(correct, clean["train/labels"], cls)
+    name = list(clean.attrs["classes"])[cls]
+    title = f"{entry['dataset']}, class {cls} ({name}): {len(events)} samples, {correct.shape[0]} epochs"
+    return forgetting_histogram(events, args.out, title)
+
+
+# --------------------------------------------------------------------------------------------
+# tsne: victims and their poisoned stores → one t-SNE panel per attack (hard-sample paper, Fig. 13)
+# --------------------------------------------------------------------------------------------
+
+def panel_sample(poisoned: np.ndarray, samples: int, seed: int) -> np.ndarray:
+    """Indices shown in a t-SNE panel: ``samples`` seeded benign samples and every poisoned one.
+
+    The same seed picks the same benign samples in every panel of a figure, so panels compare
+    the same points.
+    """
+    poisoned = np.asarray(poisoned, dtype=bool)
+    benign = np.flatnonzero(~poisoned)
+    chosen = np.random.default_rng(seed).choice(benign, size=min(samples, len(benign)), replace=False)
+    return np.sort(np.concatenate([chosen, np.flatnonzero(poisoned)]))
+
+
+def victim_features(model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Penultimate features of uint8 NHWC images, model in eval mode, on the CPU."""
+    import torch
+
+    from ..trainer import images_to_tensor, to_float
+
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            out.append(model.features(to_float(images_to_tensor(images[start:start + batch_size]))).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def draw_tsne(entry: dict, args) -> Path:
+    from ..models import build_model
+    from ..store import read_store
+    from ..trainer import load_weights
+
+    if not len(args.names) == len(args.poison) == len(args.victims):
+        raise ConfigError("--names, --poison and --victims: need one of each per attack")
+    set_threads(args.threads)
+    training = json.loads(args.training)
+    panels = {}
+    for name, store_path, weights in zip(args.names, args.poison, args.victims):
+        store = read_store(store_path)
+        images, poisoned = store["train/images"], store["train/poisoned"]
+        model = build_model(training["model"], len(store.attrs["classes"]), images.shape[1])
+        model = load_weights(model, weights, "cpu")
+        shown = panel_sample(poisoned, int(entry["samples"]), int(entry["seed"]))
+        features = victim_features(model, images[shown])
+        embedding = tsne_embedding(features, int(entry["seed"]), float(entry["perplexity"]))
+        panels[name] = (embedding, store["train/true_labels"][shown], poisoned[shown])
+    return tsne_panels(panels, args.out)
+
+
+# --------------------------------------------------------------------------------------------
+# The kinds: one per value of the schema's figures.*.kind (its defaults live in the schema only)
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FigureKind:
+    inputs: tuple[str, ...]  # the arguments (besides --spec and --out) the job reads
+    check: Callable[[dict, dict, str, Callable[[str], dict]], None]
+    draw: Callable[[dict, object], Path]
+
+
+KINDS: dict[str, FigureKind] = {
+    "forgetting": FigureKind(("clean", "dynamics"), check_forgetting, draw_forgetting),
+    "tsne": FigureKind(("training", "names", "poison", "victims"), check_tsne, draw_tsne),
+}
