@@ -48,22 +48,19 @@ def test_aabl_defaults_follow_the_paper():
     assert spec["stage3"]["adversarial"] == pytest.approx({"eps": 8 / 255, "step": 2 / 255, "steps": 10})
 
 
-def test_schema_defaults_equal_the_modules_defaults():
-    from poisonflow.attacks import badnets, blended, wanet
+def test_entries_take_their_defaults_from_the_fragments():
+    from poisonflow.kinds import defaults_of
 
-    cfg = load(lambda c: c["attacks"].update(b={"kind": "blended"}, w={"kind": "wanet"}))
-    assert cfg.attack("a")["trigger"] == badnets.DEFAULTS
-    assert {k: v for k, v in cfg.attack("b")["trigger"].items()} == {
-        k: v for k, v in blended.DEFAULTS.items() if k in cfg.attack("b")["trigger"]}
-    assert cfg.attack("w")["trigger"] == wanet.DEFAULTS
-
-
-def test_schema_defaults_equal_the_defenses_defaults():
-    from poisonflow.defenses import aabl, fine_pruning
-
-    cfg = load(lambda c: c["defenses"].update(x={"kind": "aabl"}, f={"kind": "fine-pruning"}))
-    assert {k: v for k, v in cfg.defense("x").items() if k != "kind"} == aabl.DEFAULTS
-    assert {k: v for k, v in cfg.defense("f").items() if k != "kind"} == fine_pruning.DEFAULTS
+    cfg = load(lambda c: (c["attacks"].update(b={"kind": "blended"}, w={"kind": "wanet"}),
+                          c["defenses"].update(x={"kind": "aabl"}, f={"kind": "fine-pruning"})))
+    assert cfg.attack("a")["trigger"] == {"pattern": "checkerboard", "size": 3, "position": "bottom-right", "margin": 0}
+    assert cfg.attack("w")["trigger"] == {"k": 4, "s": 0.5, "grid_rescale": 1, "noise_ratio": 2}
+    assert cfg.attack("b")["trigger"] == {"alpha": 0.2, "pattern": "noise"}
+    for name, module in (("a", "badnets"), ("b", "blended"), ("w", "wanet")):
+        assert cfg.attack(name)["trigger"] == defaults_of(f"poisonflow.attacks.{module}")["trigger"]
+    for name, module in (("x", "aabl"), ("f", "fine_pruning")):
+        assert cfg.defense(name) == defaults_of(f"poisonflow.defenses.{module}")
+    assert cfg.defense("f")["clean_fraction"] == 1.0  # the whole reserve
 
 
 def test_jobs_are_the_cross_product():
@@ -77,15 +74,15 @@ def test_jobs_are_the_cross_product():
     (lambda c: c["attacks"]["a"].update(rate=0), r"^attacks\.a\.rate: 0 is less than or equal to the minimum"),
     (lambda c: c["attacks"]["a"].update(rate=1.5), r"^attacks\.a\.rate: 1\.5 is greater than the maximum of 1"),
     (lambda c: c["attacks"]["a"].update(target=10), r"^attacks\.a\.target: class 10 is outside dataset 'digits'"),
-    (lambda c: c["attacks"]["a"].update(rate=0.95), r"^attacks\.a\.rate: 0\.95 asks for 1365 samples but dataset "
-                                                    r"'digits' has only 1295 eligible \(dirty-label\)"),
+    (lambda c: c["attacks"]["a"].update(rate=0.95), r"^attacks\.a\.rate: 0\.95 asks for 1299 samples but dataset "
+                                                    r"'digits' has only 1232 eligible \(dirty-label\)"),
     (lambda c: c["attacks"]["a"].update(label_mode="clean", rate=0.001),
      r"^attacks\.a\.rate: 0\.001 poisons no sample"),
     (lambda c: c["attacks"]["a"].update(selection="loss"), r"^attacks\.a\.surrogate: selection 'loss' needs"),
     (lambda c: c["attacks"]["a"].update(selection="loss", surrogate="nope"),
      r"^attacks\.a\.surrogate: no surrogates entry named 'nope'"),
-    (lambda c: c["attacks"]["a"].update(trigger={"colour": "red"}), r"^attacks\.a\.trigger: unknown key"),
-    (lambda c: c["attacks"]["a"].update(colour="red"), r"^attacks\.a: unknown key"),
+    (lambda c: c["attacks"]["a"].update(trigger={"colour": "red"}), r"^attacks\.a\.trigger\.colour: unknown key \(known: margin, pattern"),
+    (lambda c: c["attacks"]["a"].update(colour="red"), r"^attacks\.a\.colour: unknown key"),
     (lambda c: c["experiments"][0].update(defense=["n", "missing"]),
      r"^experiments\[0\]\.defense: no defenses entry named 'missing'"),
     (lambda c: c["trainings"]["t"].update(model="big"), r"^trainings\.t\.model: no models entry named 'big'"),

@@ -268,12 +268,15 @@ BASE = {
 }
 
 
-def test_schema_defaults_equal_the_modules_defaults():
+def test_config_defaults_are_the_papers():
     cfg = config.load(copy.deepcopy(BASE))
-    for name, module in (("l", lc), ("u", tuap)):
-        attack = cfg.attack(name)
-        assert {key: attack[key] for key in module.DEFAULTS} == module.DEFAULTS
-        assert attack["label_mode"] == "clean"
+    lc_entry, tuap_entry = cfg.attack("l"), cfg.attack("u")
+    assert lc_entry["trigger"] == {"pattern": "checkerboard", "size": 3, "margin": 0}
+    assert lc_entry["perturbation"] == pytest.approx(
+        {"eps": 8 / 255, "step": 2 / 255, "steps": 30, "random_start": False, "batch_size": 256})
+    assert tuap_entry["perturbation"] == pytest.approx(
+        {"eps": 4 / 255, "step": 1 / 255, "epochs": 5, "batch_size": 128, "max_samples": 5000})
+    assert lc_entry["label_mode"] == tuap_entry["label_mode"] == "clean"
 
 
 @pytest.mark.parametrize("change, message", [
@@ -281,8 +284,8 @@ def test_schema_defaults_equal_the_modules_defaults():
     (lambda c: c["attacks"]["u"].pop("surrogate"), r"^attacks\.u: 'surrogate' is a required property"),
     (lambda c: c["attacks"]["l"].update(perturbation={"eps": 0}), r"^attacks\.l\.perturbation\.eps: 0 is less"),
     (lambda c: c["attacks"]["u"].update(perturbation={"epochs": 0}), r"^attacks\.u\.perturbation\.epochs: 0 is less"),
-    (lambda c: c["attacks"]["l"].update(trigger={"position": "top-left"}), r"^attacks\.l\.trigger: unknown key"),
-    (lambda c: c["attacks"]["u"].update(trigger={"size": 3}), r"^attacks\.u\.trigger: unknown key"),
+    (lambda c: c["attacks"]["l"].update(trigger={"position": "top-left"}), r"^attacks\.l\.trigger\.position: unknown key"),
+    (lambda c: c["attacks"]["u"].update(trigger={"size": 3}), r"^attacks\.u\.trigger\.size: unknown key"),
 ])
 def test_bad_entries_name_the_key(change, message):
     raw = copy.deepcopy(BASE)

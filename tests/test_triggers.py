@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from poisonflow.kinds import defaults_of, settings_for
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -295,7 +297,7 @@ def test_wanet_noise_mode_grids_stay_in_bounds_and_differ_from_apply():
 
 
 def test_wanet_defaults_and_bad_settings():
-    assert wanet.DEFAULTS == {"k": 4, "s": 0.5, "grid_rescale": 1.0, "noise_ratio": 2}
+    assert defaults_of(wanet.__name__)["trigger"] == {"k": 4, "s": 0.5, "grid_rescale": 1.0, "noise_ratio": 2}
     assert wanet.build({"kind": "wanet"}, 8, 0).noise_ratio == 2
     for trigger, key in [({"k": 0}, "trigger.k"), ({"k": 2.5}, "trigger.k"), ({"s": -1}, "trigger.s"),
                          ({"grid_rescale": 0}, "trigger.grid_rescale"), ({"noise_ratio": -1}, "trigger.noise_ratio")]:
@@ -304,7 +306,7 @@ def test_wanet_defaults_and_bad_settings():
 
 
 def test_trigger_seed_key_is_left_to_the_caller():
-    settings = triggers.trigger_settings({"kind": "badnets", "trigger": {"seed": 4, "size": 2}}, badnets.DEFAULTS)
+    settings = settings_for(badnets.__name__, {"kind": "badnets", "trigger": {"seed": 4, "size": 2}})["trigger"]
     assert settings == {"pattern": "checkerboard", "size": 2, "position": "bottom-right", "margin": 0, "seed": 4}
     # the patch comes from build's seed argument, not from the key
     spec = badnets_spec(pattern="random", seed=4)
@@ -317,7 +319,6 @@ def test_trigger_seed_key_is_left_to_the_caller():
 @pytest.mark.parametrize("kind", ["badnets", "blended", "wanet"])
 def test_registry_builds_each_kind_and_keeps_images_in_range(kind):
     module = ATTACKS.get(kind)
-    assert isinstance(module.DEFAULTS, dict) and module.DEFAULTS
     x = random_images(3, 8)
     out = module.build({"kind": kind}, 8, 0).apply(x)
     assert out.shape == x.shape and out.dtype == x.dtype

@@ -69,6 +69,8 @@ ROLES = {
     "defense": Role("defense", "defense kind", "defenses", "defense", "kind", "defenseKeys", "Defenses"),
     "source": Role("source", "dataset source", "datasets", "dataset", "source", "datasetKeys", "Dataset sources"),
 }
+# Keys the config adds to an entry when it resolves it (the named surrogate's own entry).
+RESOLVED_KEYS = ("surrogate_entry",)
 FRAGMENT_KEYS = {"kind", "role", "summary", "properties", "required", "allOf", "include", "capabilities", "checks"}
 
 
@@ -172,7 +174,7 @@ class Registry(BaseRegistry):
 # The attacks section holds both roles: an unknown kind lists them all.
 ATTACKS = Registry("backdoor")
 UNLEARNABLE = Registry("unlearnable")
-ATTACK_KINDS = Registry("backdoor", "unlearnable", what="attack kind (backdoor or unlearnable example)")
+ATTACK_KINDS = Registry("backdoor", "unlearnable", what="attack kind")
 DEFENSES = Registry("defense")
 SOURCES = Registry("source")
 
@@ -236,10 +238,12 @@ def error_message(error: jsonschema.ValidationError, prefix: str = "") -> str:
     # if/then errors nest the useful message; report the deepest one
     while error.context:
         error = max(error.context, key=lambda e: len(e.absolute_path))
-    message = error.message
-    if error.validator == "additionalProperties":
-        message = message.replace("Additional properties are not allowed", "unknown key")
-    return f"{key_of(error.absolute_path, prefix)}: {message}"
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        known = sorted(error.schema.get("properties", {}))
+        unknown = sorted(set(error.instance) - set(known))
+        if unknown:  # name the key itself, and what would have been accepted
+            return f"{key_of([*error.absolute_path, unknown[0]], prefix)}: unknown key (known: {', '.join(known)})"
+    return f"{key_of(error.absolute_path, prefix)}: {error.message}"
 
 
 def fill_and_check(instance: Any, schema: dict, prefix: str = "", strict: bool = True) -> Any:
@@ -273,10 +277,11 @@ def settings_for(module: str, spec: dict | None, key: str | None = None) -> dict
     checked. Pass the module's ``__name__``; ``key`` prefixes messages (default: the kind)."""
     fragment = fragment_of(module)
     entry = dict(spec or {})
+    resolved = {name: entry.pop(name) for name in RESOLVED_KEYS if name in entry}
     entry.setdefault(fragment.role.discriminator, fragment.kind)
     schema = {name: value for name, value in kind_schema(module).items() if name != "required"}
     # required keys name other config entries (a surrogate): the config's concern, not the module's
-    return fill_and_check(entry, schema, key or fragment.kind)
+    return {**fill_and_check(entry, schema, key or fragment.kind), **resolved}
 
 
 def defaults_of(module: str) -> dict:

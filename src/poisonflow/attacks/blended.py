@@ -42,7 +42,7 @@ def _noise(settings: dict, image_size: int, seed: int) -> torch.Tensor:
 
 
 def _image(settings: dict, image_size: int, seed: int) -> torch.Tensor:
-    if not settings["path"]:
+    if not settings.get("path"):
         raise ConfigError("trigger.path: required when trigger.pattern is 'image'")
     return triggers.image_pattern(settings["path"], image_size)
 

@@ -31,9 +31,6 @@ to :func:`build`; it draws the subset and the batch order.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import triggers
+from .. import fingerprint, triggers
+from ..checkpoint import Checkpoint
 from ..errors import ConfigError
 from ..kinds import settings_for
 from ..trainer import images_to_tensor, to_float
@@ -95,35 +93,18 @@ def run_epoch(model, images: np.ndarray, delta: torch.Tensor, target: int, setti
     return delta
 
 
-def fingerprint(model: torch.nn.Module, images: np.ndarray, target: int, settings: dict, seed: int) -> str:
-    """sha256 of what δ depends on (``epochs`` excluded: epoch e's δ does not depend on the total)."""
-    digest = hashlib.sha256()
+def perturbation_digest(model: torch.nn.Module, images: np.ndarray, target: int, settings: dict, seed: int) -> str:
+    """What δ depends on (``epochs`` excluded: epoch e's δ does not depend on the total)."""
     fixed = {k: v for k, v in settings.items() if k != "epochs"}
-    digest.update(json.dumps([fixed, target, seed], sort_keys=True).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(np.ascontiguousarray(images).data)
-    return digest.hexdigest()
+    return fingerprint.digest(fixed, int(target), int(seed), model, np.asarray(images))
 
 
-def load_progress(path: Path | None, key: str, epochs: int) -> tuple[int, torch.Tensor | None]:
-    """(finished epochs, δ) from a checkpoint with the same fingerprint, or (0, None)."""
-    if path is None or not path.is_file():
-        return 0, None
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    if saved.get("fingerprint") != key or int(saved["epoch"]) > epochs:
+def load_progress(checkpoint: Checkpoint, epochs: int) -> tuple[int, torch.Tensor | None]:
+    """(finished epochs, δ) from a checkpoint of the same perturbation, or (0, None)."""
+    saved = checkpoint.load()
+    if saved is None or int(saved["epoch"]) > epochs:
         return 0, None
     return int(saved["epoch"]), saved["delta"]
-
-
-def save_progress(path: Path | None, key: str, epoch: int, delta: torch.Tensor) -> None:
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"fingerprint": key, "epoch": epoch, "delta": delta.detach().cpu()}, tmp)
-    os.replace(tmp, path)  # atomic: a kill mid-save leaves the previous epoch's δ
 
 
 def universal_perturbation(model: torch.nn.Module, images: np.ndarray, target: int, settings: dict, seed: int,
@@ -131,13 +112,13 @@ def universal_perturbation(model: torch.nn.Module, images: np.ndarray, target: i
     """The targeted universal perturbation (3, H, W) on CPU for uint8 NHWC ``images``; see the module doc."""
     subset = images[sample_indices(len(images), int(settings["max_samples"]), seed)]
     epochs = int(settings["epochs"])
-    key = fingerprint(model, subset, target, settings, seed)
-    done, delta = load_progress(checkpoint, key, epochs)
+    store = Checkpoint(checkpoint, perturbation_digest(model, subset, target, settings, seed))
+    done, delta = load_progress(store, epochs)
     height, width = images.shape[1:3]
     delta = (torch.zeros(3, height, width) if delta is None else delta).to(device)
     for epoch in range(done, epochs):
         delta = run_epoch(model, subset, delta, target, settings, seed, epoch, device)
-        save_progress(checkpoint, key, epoch + 1, delta)
+        store.save({"epoch": epoch + 1, "delta": delta.detach().cpu()})
     return delta.detach().cpu()
 
 

@@ -19,7 +19,6 @@ victim's epochs and optimizer. ``stage3: {adversarial: null}`` trains naively on
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,12 +28,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import checkpoint as checkpoints
+from .. import fingerprint
 from ..adversarial import ifgsm
 from ..errors import ConfigError
 from ..kinds import settings_for
 from ..losses import symmetric_cross_entropy
 from ..thresholds import otsu_threshold
-from ..trainer import images_to_tensor, spec_digest, to_float, train_model
+from ..trainer import images_to_tensor, to_float, train_model
 from . import DefenseContext, DefenseResult, merge
 
 
@@ -60,9 +61,10 @@ def fresh_model(ctx: DefenseContext) -> torch.nn.Module:
 
 def naive_training(ctx: DefenseContext, stage1: dict) -> torch.nn.Module:
     """Stage 1: train a fresh model on the whole released training set."""
+    workdir = Path(ctx.workdir)
     result = train_model(fresh_model(ctx), ctx.train_images, ctx.train_labels, merge(ctx.training, stage1),
-                         seed=ctx.seed, device=ctx.device, checkpoint=Path(ctx.workdir) / "stage1.pt",
-                         desc="aabl stage 1")
+                         seed=ctx.seed, device=ctx.device, checkpoint=workdir / "stage1.pt",
+                         history=workdir / "history-stage1.csv", desc="aabl stage 1")
     return result.model
 
 
@@ -94,45 +96,33 @@ def split_by_vulnerability(model: torch.nn.Module, images: np.ndarray, labels: n
     return VulnerabilitySplit(kept=losses > threshold, threshold=threshold, losses=losses)
 
 
-def fingerprint(*arrays: np.ndarray) -> str:
-    """A content hash of arrays (shape, dtype and bytes)."""
-    digest = hashlib.sha256()
-    for array in arrays:
-        array = np.ascontiguousarray(array)
-        digest.update(f"{array.dtype}{array.shape}".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
 def cached_split(model: torch.nn.Module, ctx: DefenseContext, split: dict) -> VulnerabilitySplit:
     """The split, stored in the work directory so a rerun trains stage 3 on the same D_vul.
 
-    The cache key covers the split settings, the data and the stage-1 weights. A GPU attack need not be bit-reproducible; recomputing it after a kill could move samples
-    across the threshold under a half-trained stage-3 checkpoint.
+    The cache key covers the split settings, the data and the stage-1 weights. A GPU attack need not
+    be bit-reproducible; recomputing it after a kill could move samples across the threshold under a
+    half-trained stage-3 checkpoint.
     """
-    path = Path(ctx.workdir) / "split.npz"
-    key = spec_digest(split, fingerprint(ctx.train_images, ctx.train_labels,
-                                         *(v.detach().cpu().numpy() for v in model.state_dict().values())))
-    if path.exists():
-        with np.load(path) as stored:
-            if str(stored["key"]) == key:
-                return VulnerabilitySplit(kept=stored["kept"], threshold=float(stored["threshold"]),
-                                          losses=stored["losses"])
-    result = split_by_vulnerability(model, ctx.train_images, ctx.train_labels, split, ctx.device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("split.tmp.npz")
-    np.savez(tmp, key=key, kept=result.kept, threshold=result.threshold, losses=result.losses)
-    tmp.replace(path)
-    return result
+
+    def compute() -> dict:
+        result = split_by_vulnerability(model, ctx.train_images, ctx.train_labels, split, ctx.device)
+        return {"kept": torch.from_numpy(result.kept), "threshold": float(result.threshold),
+                "losses": torch.from_numpy(result.losses)}
+
+    digest = fingerprint.digest(split, fingerprint.data_digest(ctx.train_images, ctx.train_labels), model)
+    stored = checkpoints.cached(Path(ctx.workdir) / "split.pt", digest, compute)
+    return VulnerabilitySplit(kept=stored["kept"].numpy(), threshold=float(stored["threshold"]),
+                              losses=stored["losses"].numpy())
 
 
 def adversarial_training(ctx: DefenseContext, kept: np.ndarray, stage3: dict) -> torch.nn.Module:
     """Stage 3: train a fresh model on D_vul with the stage-3 training (PGD-AT by default)."""
     if not kept.any():
         raise ValueError("aabl: the split kept no samples; stage 3 has nothing to train on")
-    result = train_model(fresh_model(ctx), ctx.train_images[kept], ctx.train_labels[kept],
-                         merge(ctx.training, stage3), seed=ctx.seed, device=ctx.device,
-                         checkpoint=Path(ctx.workdir) / "stage3.pt", desc="aabl stage 3")
+    workdir = Path(ctx.workdir)
+    result = train_model(fresh_model(ctx), ctx.train_images, ctx.train_labels, merge(ctx.training, stage3),
+                         subset=kept, seed=ctx.seed, device=ctx.device, checkpoint=workdir / "stage3.pt",
+                         history=workdir / "history-stage3.csv", desc="aabl stage 3")
     return result.model
 
 

@@ -37,11 +37,7 @@ afterwards.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -49,26 +45,24 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from .. import augment
-from ..errors import ConfigError
+from .. import checkpoint as checkpoints
+from .. import fingerprint
 from ..kinds import settings_for
-from ..trainer import images_to_tensor, make_optimizer, make_schedule, to_float, train_model
+from ..trainer import Objective, cross_entropy_objective, images_to_tensor, to_float, train_model
 from . import DefenseContext, DefenseResult, merge
 
 # SGD with Nesterov momentum 0.9 and weight decay 1e-4 in every stage (the paper's CIFAR-10 setup).
 _SGD = {"name": "sgd", "momentum": 0.9, "weight_decay": 1e-4, "nesterov": True}
 
 
-# Batch objectives of the isolation stage: per-sample cross entropy and γ → the loss to minimize.
+# Isolation objectives: a batch's per-sample cross entropy and γ → the per-sample loss whose batch
+# mean the trainer descends on. For ``batch`` every sample carries the sign of the batch mean, so
+# that mean is sign(ℓ̄ − γ)·ℓ̄, with the same gradient.
 LGA_FORMS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
-    "sample": lambda ce, gamma: lga_loss(ce, gamma).mean(),
-    "batch": lambda ce, gamma: lga_loss(ce.mean(), gamma),
+    "sample": lambda ce, gamma: lga_loss(ce, gamma),
+    "batch": lambda ce, gamma: torch.sign(ce.mean() - gamma) * ce,
 }
-
-# The loops written here (isolation, unlearning) train on clean inputs only.
-CUSTOM_LOOP_STAGES = ("isolation", "unlearning")
 
 
 @dataclass
@@ -86,8 +80,17 @@ def lga_loss(ce: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 def unlearning_loss(ce: torch.Tensor) -> torch.Tensor:
-    """−mean(ℓ) of a batch's per-sample losses: descending on it is gradient ascent."""
-    return -ce.mean()
+    """−ℓ per sample: descending on its mean is gradient ascent on the cross entropy."""
+    return -ce
+
+
+def lga_objective(resolved: dict) -> Objective:
+    """The isolation stage's objective: LGA of the chosen form on the per-sample cross entropy."""
+    gamma, form = float(resolved["gamma"]), LGA_FORMS[resolved["lga"]]
+    return cross_entropy_objective(lambda ce: form(ce, gamma), {"lga": resolved["lga"], "gamma": gamma})
+
+
+UNLEARNING = cross_entropy_objective(unlearning_loss, "gradient_ascent")
 
 
 def isolation_count(n: int, ratio: float) -> int:
@@ -119,97 +122,6 @@ def per_sample_loss(model: torch.nn.Module, images: np.ndarray, labels: np.ndarr
     return torch.cat(losses).numpy() if losses else np.zeros(0)
 
 
-# --- a small training loop for objectives other than cross entropy ---------------------------------
-
-
-def digest_of(*parts) -> str:
-    """A short content hash of JSON-able parts and arrays."""
-    digest = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, np.ndarray):
-            part = np.ascontiguousarray(part)
-            digest.update(f"{part.dtype}{part.shape}".encode())
-            digest.update(part.tobytes())
-        else:
-            digest.update(json.dumps(part, sort_keys=True, default=str).encode())
-    return digest.hexdigest()[:16]
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """A content hash of a model's state (parameters and buffers)."""
-    return digest_of(*(tensor.detach().cpu().numpy() for tensor in model.state_dict().values()))
-
-
-def save_atomically(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def train_with_objective(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, training: dict,
-                         objective: Callable[[torch.Tensor], torch.Tensor], *, seed: int,
-                         device: torch.device | str = "cpu", checkpoint: Path | None = None,
-                         desc: str = "abl") -> torch.nn.Module:
-    """Minimize ``objective(per-sample cross entropy)`` over shuffled, augmented batches.
-
-    ``training`` is a resolved training entry (epochs, batch_size, optimizer, schedule, augment and
-    its parameters, label_smoothing); batches are augmented as the training loop does, so CutMix
-    or Mixup give the mixed cross entropy. Runs in float32, without compilation. A checkpoint is
-    written after every epoch; it is resumed only for the same training, seed, data and starting
-    weights.
-    """
-    device = torch.device(device)
-    model.to(device)
-    key = digest_of(training, seed, images, np.asarray(labels, dtype=np.int64), weights_digest(model))
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    data = images_to_tensor(images, device)
-    targets = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device)
-    n, epochs, batch_size = len(targets), int(training["epochs"]), int(training["batch_size"])
-    optimizer = make_optimizer(model.parameters(), training["optimizer"])
-    schedule = make_schedule(optimizer, training.get("schedule"), epochs, (n + batch_size - 1) // batch_size)
-    augmenter = augment.BatchAugment(list(training.get("augment", [])), training)
-    label_smoothing = float(training.get("label_smoothing", 0.0))
-
-    start_epoch = 0
-    if checkpoint and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        if state.get("digest") == key:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            schedule.load_state_dict(state["schedule"])
-            generator.set_state(state["generator"])
-            torch.set_rng_state(state["torch_rng"])
-            start_epoch = state["epoch"]
-            print(f"{desc}: resuming from {checkpoint} after epoch {start_epoch}", file=sys.stderr)
-
-    progress = tqdm(range(start_epoch, epochs), desc=desc, initial=start_epoch, total=epochs, unit="epoch",
-                    leave=False, dynamic_ncols=True)
-    for epoch in progress:
-        model.train()
-        order = torch.randperm(n, generator=generator)
-        running = torch.zeros((), device=device)
-        for start in range(0, n, batch_size):
-            index = order[start:start + batch_size].to(device)
-            batch = augmenter(data[index], targets[index], generator)
-            per_sample = augment.mixed_cross_entropy(model(batch.images), batch, label_smoothing)
-            loss = objective(per_sample)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            running += loss.detach() * len(index)
-        progress.set_postfix(loss=f"{float(running) / max(1, n):.3f}")
-        if checkpoint:
-            save_atomically({"digest": key, "epoch": epoch + 1, "model": model.state_dict(),
-                             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                             "generator": generator.get_state(), "torch_rng": torch.get_rng_state()}, checkpoint)
-    progress.close()
-    model.eval()
-    return model
-
-
 # --- the three stages ------------------------------------------------------------------------------
 
 
@@ -221,11 +133,11 @@ def fresh_model(ctx: DefenseContext) -> torch.nn.Module:
 
 def isolation_training(ctx: DefenseContext, resolved: dict) -> torch.nn.Module:
     """Stage 1: LGA training of a fresh model on the whole released training set."""
-    gamma, form = float(resolved["gamma"]), LGA_FORMS[resolved["lga"]]
-    return train_with_objective(fresh_model(ctx), ctx.train_images, ctx.train_labels,
-                                merge(ctx.training, resolved["isolation"]), lambda ce: form(ce, gamma),
-                                seed=ctx.seed, device=ctx.device, checkpoint=Path(ctx.workdir) / "isolation.pt",
-                                desc="abl isolation")
+    workdir = Path(ctx.workdir)
+    return train_model(fresh_model(ctx), ctx.train_images, ctx.train_labels, merge(ctx.training, resolved["isolation"]),
+                       seed=ctx.seed, device=ctx.device, objective=lga_objective(resolved),
+                       checkpoint=workdir / "isolation.pt", history=workdir / "history-isolation.csv",
+                       desc="abl isolation").model
 
 
 def isolate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, ratio: float,
@@ -242,38 +154,35 @@ def cached_isolation(model: torch.nn.Module, ctx: DefenseContext, resolved: dict
     not be bit-reproducible, and a sample moving across the cut would invalidate the checkpoints
     of the later stages.
     """
-    path = Path(ctx.workdir) / "isolation.npz"
-    key = digest_of(float(resolved["isolation_ratio"]), ctx.train_images,
-                    np.asarray(ctx.train_labels, dtype=np.int64), weights_digest(model))
-    if path.exists():
-        with np.load(path) as stored:
-            if str(stored["key"]) == key:
-                return Isolation(isolated=stored["isolated"], losses=stored["losses"])
-    result = isolate(model, ctx.train_images, ctx.train_labels, float(resolved["isolation_ratio"]), ctx.device,
-                     int(resolved["batch_size"]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("isolation.tmp.npz")
-    np.savez(tmp, key=key, isolated=result.isolated, losses=result.losses)
-    os.replace(tmp, path)
-    return result
+    ratio = float(resolved["isolation_ratio"])
+
+    def compute() -> dict:
+        result = isolate(model, ctx.train_images, ctx.train_labels, ratio, ctx.device, int(resolved["batch_size"]))
+        return {"isolated": torch.from_numpy(result.isolated), "losses": torch.from_numpy(result.losses)}
+
+    digest = fingerprint.digest(ratio, fingerprint.data_digest(ctx.train_images, ctx.train_labels), model)
+    stored = checkpoints.cached(Path(ctx.workdir) / "isolated.pt", digest, compute)
+    return Isolation(isolated=stored["isolated"].numpy(), losses=stored["losses"].numpy())
 
 
 def clean_training(model: torch.nn.Module, ctx: DefenseContext, kept: np.ndarray, clean: dict) -> torch.nn.Module:
     """Stage 2: continue training the isolation model with cross entropy on the kept samples.
 
-    The checkpoint's name carries the starting weights, so it is never resumed on top of a
+    The checkpoint's digest covers the starting weights, so it is never resumed on top of a
     different isolation model.
     """
-    checkpoint = Path(ctx.workdir) / f"clean-{weights_digest(model)}.pt"
-    return train_model(model, ctx.train_images[kept], ctx.train_labels[kept], merge(ctx.training, clean),
-                       seed=ctx.seed, device=ctx.device, checkpoint=checkpoint, desc="abl clean").model
+    workdir = Path(ctx.workdir)
+    return train_model(model, ctx.train_images, ctx.train_labels, merge(ctx.training, clean), subset=kept,
+                       seed=ctx.seed, device=ctx.device, checkpoint=workdir / "clean.pt",
+                       history=workdir / "history-clean.csv", desc="abl clean").model
 
 
 def unlearn(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, training: dict, *, seed: int,
-            device: torch.device | str = "cpu", checkpoint: Path | None = None) -> torch.nn.Module:
-    """Stage 3: gradient ascent on the cross entropy of the isolated samples."""
-    return train_with_objective(model, images, labels, training, unlearning_loss, seed=seed, device=device,
-                                checkpoint=checkpoint, desc="abl unlearning")
+            device: torch.device | str = "cpu", subset: np.ndarray | None = None, checkpoint: Path | None = None,
+            history: Path | None = None) -> torch.nn.Module:
+    """Stage 3: gradient ascent on the cross entropy of the isolated samples (``subset``, or all given)."""
+    return train_model(model, images, labels, training, objective=UNLEARNING, subset=subset, seed=seed,
+                       device=device, checkpoint=checkpoint, history=history, desc="abl unlearning").model
 
 
 def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
@@ -284,9 +193,10 @@ def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
     if not kept.any():
         raise ValueError("abl: every sample was isolated; nothing is left to train on")
     model = clean_training(model, ctx, kept, resolved["clean"])
-    model = unlearn(model, ctx.train_images[isolation.isolated], ctx.train_labels[isolation.isolated],
-                    merge(ctx.training, resolved["unlearning"]), seed=ctx.seed, device=ctx.device,
-                    checkpoint=Path(ctx.workdir) / "unlearning.pt")
+    model = unlearn(model, ctx.train_images, ctx.train_labels, merge(ctx.training, resolved["unlearning"]),
+                    subset=isolation.isolated, seed=ctx.seed, device=ctx.device,
+                    checkpoint=Path(ctx.workdir) / "unlearning.pt",
+                    history=Path(ctx.workdir) / "history-unlearning.csv")
     metrics = {
         "isolated": int(isolation.isolated.sum()),
         # the largest isolation-model loss among the isolated samples: the cut the ratio implied

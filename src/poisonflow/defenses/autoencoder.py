@@ -21,13 +21,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from .. import augment
 from ..errors import ConfigError
 from ..kinds import settings_for
-from ..trainer import data_fingerprint, images_to_tensor, spec_digest, to_float
+from ..trainer import Objective, StepContext, StepOutput, images_to_tensor, to_float, train_model
 from . import DefenseContext, DefenseResult
-from .checkpoint import load_checkpoint, save_checkpoint
 from .clean_data import clean_split
 from .preprocessing import Preprocessed
 
@@ -76,41 +75,33 @@ def reconstruction_error(model: nn.Module, images: np.ndarray, device: torch.dev
     return total / max(1, count)
 
 
+def reconstruction_loss(net: nn.Module, batch: augment.MixedBatch, ctx: StepContext) -> StepOutput:
+    """Per image: the binary cross entropy between it and its reconstruction, averaged over its values."""
+    with ctx.autocast():
+        reconstruction = net(batch.images)
+    # in float32 outside autocast, which refuses binary_cross_entropy
+    bce = F.binary_cross_entropy(reconstruction.float(), batch.images, reduction="none")
+    return StepOutput(bce.flatten(1).mean(1))
+
+
+RECONSTRUCTION = Objective(reconstruction_loss, "reconstruction_bce")
+
+
+def autoencoder_training(settings: dict) -> dict:
+    """The autoencoder's settings as a training entry: Adam at ``lr``, constant, no augmentation."""
+    return {"epochs": int(settings["epochs"]), "batch_size": int(settings["batch_size"]),
+            "optimizer": {"name": "adam", "lr": float(settings["lr"])}, "schedule": {"name": "constant"},
+            "augment": [], "adversarial": None}
+
+
 def train_autoencoder(model: nn.Module, images: np.ndarray, settings: dict, *, seed: int,
-                      device: torch.device | str = "cpu", checkpoint: Path | None = None) -> list[float]:
+                      device: torch.device | str = "cpu", checkpoint: Path | None = None,
+                      history: Path | None = None) -> list[float]:
     """Train ``model`` to reconstruct uint8 NHWC ``images`` (BCE, Adam); the mean loss of each epoch."""
-    device = torch.device(device)
-    generator = torch.Generator().manual_seed(seed)
-    model.to(device)
-    data = images_to_tensor(images, device)
-    n, batch_size, epochs = len(data), int(settings["batch_size"]), int(settings["epochs"])
-    optimizer = torch.optim.Adam(model.parameters(), lr=float(settings["lr"]))
-    digest = spec_digest(settings, seed, data_fingerprint(images, np.zeros(0, np.int64)), "autoencoder")
-    losses: list[float] = []
-    state = load_checkpoint(checkpoint, digest, device)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        losses = list(state["losses"])
-    for _ in tqdm(range(len(losses), epochs), desc="autoencoder", initial=len(losses), total=epochs,
-                  unit="epoch", leave=False, dynamic_ncols=True):
-        model.train()
-        order = torch.randperm(n, generator=generator).to(device)
-        total = 0.0
-        for start in range(0, n, batch_size):
-            x = to_float(data[order[start:start + batch_size]])
-            loss = F.binary_cross_entropy(model(x), x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(x)
-        losses.append(total / n)
-        save_checkpoint(checkpoint, {"digest": digest, "model": model.state_dict(),
-                                     "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                                     "losses": losses})
-    model.eval()
-    return losses
+    no_labels = np.zeros(len(images), dtype=np.int64)  # the trainer draws batches of (image, label) pairs
+    result = train_model(model, images, no_labels, autoencoder_training(settings), objective=RECONSTRUCTION,
+                         seed=seed, device=device, checkpoint=checkpoint, history=history, desc="autoencoder")
+    return [row["loss"] for row in result.history]
 
 
 def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
@@ -121,7 +112,8 @@ def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
     images = ctx.reserve_images[index]
     autoencoder = build_autoencoder(int(resolved["width"]), int(resolved["depth"]), images.shape[1:3], ctx.seed)
     losses = train_autoencoder(autoencoder, images, resolved, seed=ctx.seed, device=ctx.device,
-                               checkpoint=Path(ctx.workdir) / "autoencoder.pt")
+                               checkpoint=Path(ctx.workdir) / "autoencoder.pt",
+                               history=Path(ctx.workdir) / "history-autoencoder.csv")
     for parameter in autoencoder.parameters():
         parameter.requires_grad_(False)  # deployed frozen; PGD still differentiates through it
     model = Preprocessed(autoencoder, ctx.victim).to(ctx.device).eval()

@@ -61,9 +61,12 @@ def prune_channels(model: torch.nn.Module, channels: torch.Tensor) -> None:
 
 def fine_tune(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, ctx: DefenseContext,
               finetune: dict) -> torch.nn.Module:
-    """Train the pruned model on the clean split; the checkpoint lets a killed job resume."""
+    """Train the pruned model on the clean split; the checkpoint lets a killed job resume (its digest
+    covers the pruned starting weights, so it never resumes on another victim or pruning)."""
+    workdir = Path(ctx.workdir)
     return train_model(model, images, labels, merge(ctx.training, finetune), seed=ctx.seed, device=ctx.device,
-                       checkpoint=Path(ctx.workdir) / "finetune.pt", desc="fine-pruning").model
+                       checkpoint=workdir / "finetune.pt", history=workdir / "history-finetune.csv",
+                       desc="fine-pruning").model
 
 
 def run(spec: dict, ctx: DefenseContext) -> DefenseResult:

@@ -38,16 +38,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .. import augment
-from ..errors import ConfigError
 from ..kinds import settings_for
-from ..trainer import data_fingerprint, images_to_tensor, make_optimizer, make_schedule, spec_digest, train_model
+from ..trainer import Objective, StepContext, StepOutput, train_model
 from . import DefenseContext, DefenseResult, merge
-from .checkpoint import load_checkpoint, save_checkpoint, state_fingerprint
 from .clean_data import clean_split
 
 
@@ -60,17 +56,24 @@ def attention_map(feature_map: torch.Tensor, power: float = 2.0) -> torch.Tensor
     return attention / (attention.norm(dim=1, keepdim=True) + ATTENTION_EPS)
 
 
-# distance between normalized student and teacher attention maps (N, H·W) → scalar
+# per-sample distance between normalized student and teacher attention maps (N, H·W) → (N,); its
+# batch mean is the AT loss (for mse: the mean over the batch and the positions)
 AT_DISTANCES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "mse": lambda student, teacher: F.mse_loss(student, teacher),
-    "l2": lambda student, teacher: (student - teacher).norm(dim=1).mean(),
+    "mse": lambda student, teacher: (student - teacher).pow(2).mean(dim=1),
+    "l2": lambda student, teacher: (student - teacher).norm(dim=1),
 }
+
+
+def attention_distance(student: torch.Tensor, teacher: torch.Tensor, power: float = 2.0,
+                       distance: str = "mse") -> torch.Tensor:
+    """(N,): each sample's AT distance between a student and a teacher feature map of the same shape."""
+    return AT_DISTANCES[distance](attention_map(student, power), attention_map(teacher, power))
 
 
 def attention_loss(student: torch.Tensor, teacher: torch.Tensor, power: float = 2.0,
                    distance: str = "mse") -> torch.Tensor:
     """AT loss between a student and a teacher feature map of the same shape."""
-    return AT_DISTANCES[distance](attention_map(student, power), attention_map(teacher, power))
+    return attention_distance(student, teacher, power, distance).mean()
 
 
 @torch.no_grad()
@@ -115,67 +118,48 @@ def captured_outputs(modules: list[nn.Module]) -> Iterator[list[torch.Tensor]]:
 def fine_tune_teacher(victim: nn.Module, images: np.ndarray, labels: np.ndarray, ctx: DefenseContext,
                       teacher: dict) -> nn.Module:
     """A copy of the victim fine-tuned on the clean split."""
+    workdir = Path(ctx.workdir)
     return train_model(copy.deepcopy(victim), images, labels, merge(ctx.training, teacher), seed=ctx.seed,
-                       device=ctx.device, checkpoint=Path(ctx.workdir) / "teacher.pt", desc="nad teacher").model
+                       device=ctx.device, checkpoint=workdir / "teacher.pt", history=workdir / "history-teacher.csv",
+                       desc="nad teacher").model
 
 
-def distill(student: nn.Module, teacher: nn.Module, images: np.ndarray, labels: np.ndarray, training: dict,
-            settings: dict, *, seed: int, device: torch.device | str = "cpu",
-            checkpoint: Path | None = None) -> nn.Module:
-    """Train ``student`` on uint8 NHWC ``images`` with CE + β·Σ AT loss against the frozen ``teacher``."""
-    device = torch.device(device)
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    student.to(device)
-    teacher.to(device).eval()
-    for parameter in teacher.parameters():
-        parameter.requires_grad_(False)
-    data = images_to_tensor(images, device)
-    targets = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device)
-    n, epochs, batch_size = len(targets), int(training["epochs"]), int(training["batch_size"])
-    optimizer = make_optimizer(student.parameters(), training["optimizer"])
-    schedule = make_schedule(optimizer, training.get("schedule"), epochs, (n + batch_size - 1) // batch_size)
-    batch_augment = augment.BatchAugment(list(training.get("augment", [])), training)
-    image_shape = tuple(images.shape[1:3])
+def distillation_objective(student: nn.Module, teacher: nn.Module, image_shape: tuple[int, int],
+                           settings: dict) -> Objective:
+    """Per sample: cross entropy + β·Σ_stages AT distance to the frozen ``teacher``'s stage outputs.
+
+    No adversarial examples: the student learns from the clean split as it is.
+    """
     student_modules = distilled_modules(student, image_shape, int(settings["stages"]))
     teacher_modules = distilled_modules(teacher, image_shape, int(settings["stages"]))
     beta, power, distance = float(settings["beta"]), float(settings["power"]), settings["at_distance"]
-    label_smoothing = float(training.get("label_smoothing", 0.0))
-    distillation = {key: settings[key] for key in ("beta", "power", "stages", "at_distance")}
-    digest = spec_digest(training, distillation, seed, data_fingerprint(images, labels), state_fingerprint(teacher))
-    start_epoch = 0
-    state = load_checkpoint(checkpoint, digest, device)
-    if state is not None:
-        student.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        start_epoch = state["epoch"]
-    for epoch in tqdm(range(start_epoch, epochs), desc="nad student", initial=start_epoch, total=epochs,
-                      unit="epoch", leave=False, dynamic_ncols=True):
-        student.train()
-        order = torch.randperm(n, generator=generator).to(device)
-        for start in range(0, n, batch_size):
-            index = order[start:start + batch_size]
-            batch = batch_augment(data[index], targets[index], generator)
+
+    def loss(net: nn.Module, batch: augment.MixedBatch, ctx: StepContext) -> StepOutput:
+        with ctx.autocast():
             with torch.no_grad(), captured_outputs(teacher_modules) as teacher_maps:
                 teacher(batch.images)
             with captured_outputs(student_modules) as student_maps:
-                logits = student(batch.images)
-            loss = augment.mixed_cross_entropy(logits, batch, label_smoothing).mean()
-            for s, t in zip(student_maps, teacher_maps):
-                loss = loss + beta * attention_loss(s, t, power, distance)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-        save_checkpoint(checkpoint, {
-            "digest": digest, "epoch": epoch + 1, "model": student.state_dict(),
-            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-            "generator": generator.get_state(), "torch_rng": torch.get_rng_state()})
-    student.eval()
-    return student
+                logits = net(batch.images).float()
+        ce = augment.mixed_cross_entropy(logits, batch, float(ctx.settings["label_smoothing"]))
+        at = sum(attention_distance(s.float(), t.float(), power, distance) for s, t in zip(student_maps, teacher_maps))
+        return StepOutput(ce + beta * at, logits)
+
+    key = {"distillation": {name: settings[name] for name in ("beta", "power", "stages", "at_distance")}}
+    return Objective(loss, key, models=(teacher,))
+
+
+def distill(student: nn.Module, teacher: nn.Module, images: np.ndarray, labels: np.ndarray, training: dict,
+            settings: dict, *, seed: int, device: torch.device | str = "cpu", checkpoint: Path | None = None,
+            history: Path | None = None) -> nn.Module:
+    """Train ``student`` on uint8 NHWC ``images`` with CE + β·Σ AT loss against the frozen ``teacher``."""
+    teacher.to(device).eval()
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    objective = distillation_objective(student.to(device), teacher, tuple(images.shape[1:3]), settings)
+    # Not compiled: the stage outputs are caught by forward hooks registered around each forward,
+    # which a compiled graph would not call.
+    return train_model(student, images, labels, {**training, "compile": False}, objective=objective, seed=seed,
+                       device=device, checkpoint=checkpoint, history=history, desc="nad student").model
 
 
 def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
@@ -186,7 +170,8 @@ def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
     images, labels = ctx.reserve_images[index], ctx.reserve_labels[index]
     teacher = fine_tune_teacher(ctx.victim, images, labels, ctx, resolved["teacher"])
     student = distill(copy.deepcopy(ctx.victim), teacher, images, labels, merge(ctx.training, resolved["student"]),
-                      resolved, seed=ctx.seed, device=ctx.device, checkpoint=Path(ctx.workdir) / "student.pt")
+                      resolved, seed=ctx.seed, device=ctx.device, checkpoint=Path(ctx.workdir) / "student.pt",
+                      history=Path(ctx.workdir) / "history-student.csv")
     ends = stage_ends(student.body, tuple(images.shape[1:3]))
     metrics = {"clean_samples": int(len(index)), "distilled_stages": min(int(resolved["stages"]), len(ends))}
     return DefenseResult(model=student, metrics=metrics)

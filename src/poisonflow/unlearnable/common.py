@@ -13,7 +13,7 @@ the same shape, added and rounded back by :func:`add_perturbation`.
   under augmentation);
 - surrogates trained during generation: :func:`build_surrogate`, :func:`sgd`, :func:`train_step`,
   :func:`accuracy`, :class:`BatchCycler`;
-- long generations: :class:`GenerationCheckpoint` in ``context.workdir``.
+- long generations: :func:`generation_checkpoint` in ``context.workdir``.
 
 Random draws come from CPU generators seeded per stream (:func:`seeded_generator`), so a seed gives
 the same perturbations on every device.
@@ -22,9 +22,6 @@ the same perturbations on every device.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import os
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -32,10 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import augment
+from .. import augment, fingerprint
+from ..checkpoint import Checkpoint
 from ..errors import ConfigError
 from ..models import build_model
-from ..trainer import data_fingerprint, images_to_tensor, to_float
+from ..trainer import images_to_tensor, to_float
 
 Objective = Callable[[torch.Tensor], torch.Tensor]
 
@@ -268,38 +266,15 @@ class BatchCycler:
 # --- checkpoints of long generations --------------------------------------------------------
 
 
-class GenerationCheckpoint:
-    """The progress of a long generation, saved atomically and resumed only for the same inputs.
-
-    ``digest`` covers the kind, its resolved settings, the seed and the images and labels, so a
-    checkpoint left by a different generation is ignored.
-    """
-
-    def __init__(self, path: Path, digest: str, device: torch.device | str = "cpu"):
-        self.path, self.digest, self.device = Path(path), digest, device
-
-    def load(self) -> dict | None:
-        if not self.path.exists():
-            return None
-        state = torch.load(self.path, map_location=self.device, weights_only=True)
-        return state if state.get("digest") == self.digest else None
-
-    def save(self, state: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save({**state, "digest": self.digest}, tmp)
-        os.replace(tmp, self.path)
-
-
 def generation_checkpoint(context, kind: str, settings: dict, seed: int, images: np.ndarray,
-                          labels: np.ndarray) -> GenerationCheckpoint | None:
-    """A checkpoint in ``context.workdir`` (None when the caller gave no work directory)."""
+                          labels: np.ndarray) -> Checkpoint | None:
+    """A checkpoint in ``context.workdir`` (None when the caller gave no work directory), resumed only
+    by a generation of the same kind, resolved settings, seed, images and labels."""
     workdir = getattr(context, "workdir", None)
     if workdir is None:
         return None
-    text = json.dumps([kind, settings, int(seed)], sort_keys=True, default=str)
-    digest = hashlib.sha256((text + data_fingerprint(images, labels)).encode()).hexdigest()[:16]
-    return GenerationCheckpoint(Path(workdir) / f"{kind}.pt", digest, context_device(context))
+    digest = fingerprint.digest(kind, settings, int(seed), fingerprint.data_digest(images, labels))
+    return Checkpoint(Path(workdir) / f"{kind}.pt", digest)
 
 
 def cpu_state(module_or_optimizer) -> dict:
