@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from poisonflow import config
+from poisonflow.kinds import defaults_of, settings_for
+from poisonflow import checkpoint, config
 from poisonflow.defenses import DEFENSES, DefenseContext, abl, merge
 from poisonflow.errors import ConfigError
 from poisonflow.models import build_model
@@ -55,9 +56,9 @@ def bright_corner_poison(images: np.ndarray, labels: np.ndarray, rate: float = 0
 def poisoned_context(tmp_path, n: int = 300, seed: int = 0, victim=None) -> tuple[DefenseContext, np.ndarray]:
     images, labels = weak_class_images(n)
     images, labels, poisoned = bright_corner_poison(images, labels)
-    clean_images, clean_labels = weak_class_images(60, seed=1)
+    reserve_images, reserve_labels = weak_class_images(60, seed=1)
     ctx = DefenseContext(
-        train_images=images, train_labels=labels, clean_images=clean_images, clean_labels=clean_labels,
+        train_images=images, train_labels=labels, reserve_images=reserve_images, reserve_labels=reserve_labels,
         training=TINY_TRAINING,
         build_model=lambda: build_model(TINY_TRAINING["model"], num_classes=3, image_size=8),
         victim=victim, seed=seed, device=torch.device("cpu"), workdir=tmp_path / "work", num_classes=3,
@@ -88,17 +89,18 @@ def test_lga_flips_the_sign_of_losses_below_gamma():
 
 
 def test_lga_forms_on_hand_made_losses():
+    # the forms give per-sample losses; the trainer descends on their batch mean
     ce = torch.tensor([0.1, 0.5, 0.7, 2.0], requires_grad=True)
     # sample: mean of (−0.1, 0, 0.7, 2.0); each loss's gradient is its sign / 4
-    per_sample = abl.LGA_FORMS["sample"](ce, 0.5)
+    per_sample = abl.LGA_FORMS["sample"](ce, 0.5).mean()
     assert per_sample.item() == pytest.approx(0.65, rel=1e-6)
     per_sample.backward()
     np.testing.assert_allclose(ce.grad.numpy(), [-0.25, 0.0, 0.25, 0.25], rtol=1e-6)
     # batch: the mean 0.825 lies above γ, so it is descended as is
-    assert abl.LGA_FORMS["batch"](ce, 0.5).item() == pytest.approx(0.825, rel=1e-6)
+    assert abl.LGA_FORMS["batch"](ce, 0.5).mean().item() == pytest.approx(0.825, rel=1e-6)
     # a batch mean of 0.2 below γ = 0.5 is negated: every loss gets gradient −1/3 (ascent)
     low = torch.tensor([0.1, 0.2, 0.3], requires_grad=True)
-    batch = abl.LGA_FORMS["batch"](low, 0.5)
+    batch = abl.LGA_FORMS["batch"](low, 0.5).mean()
     assert batch.item() == pytest.approx(-0.2, rel=1e-6)
     batch.backward()
     np.testing.assert_allclose(low.grad.numpy(), [-1 / 3] * 3, rtol=1e-6)
@@ -106,7 +108,7 @@ def test_lga_forms_on_hand_made_losses():
 
 def test_unlearning_loss_is_the_negated_mean():
     ce = torch.tensor([0.2, 1.0, 2.4])
-    assert abl.unlearning_loss(ce).item() == pytest.approx(-1.2, rel=1e-6)
+    assert abl.unlearning_loss(ce).mean().item() == pytest.approx(-1.2, rel=1e-6)
 
 
 # --- the isolation rule ---------------------------------------------------------------------------
@@ -179,7 +181,7 @@ def test_unlearning_lowers_accuracy_on_the_isolated_labels(tmp_path):
     before, clean_before = accuracy(backdoored, images, labels), accuracy(backdoored, clean_images, clean_labels)
     # the paper's unlearning: 20 epochs of ascent at lr 5e-4, no augmentation
     unlearned = abl.unlearn(copy.deepcopy(backdoored), images, labels,
-                            merge(TINY_TRAINING, abl.DEFAULTS["unlearning"]), seed=0)
+                            merge(TINY_TRAINING, defaults_of(abl.__name__)["unlearning"]), seed=0)
     after, clean_after = accuracy(unlearned, images, labels), accuracy(unlearned, clean_images, clean_labels)
     assert before == 1.0  # the backdoor is learned
     assert after <= 0.5, after
@@ -211,16 +213,16 @@ def test_abl_runs_end_to_end_and_leaves_the_victim_untouched(tmp_path):
         assert torch.equal(tensor, victim_state[name]), name
     assert result.kept.dtype == bool and result.kept.shape == (120,)
     assert result.metrics["isolated"] == 6 == int((~result.kept).sum())
-    stored = np.load(ctx.workdir / "isolation.npz")
-    np.testing.assert_array_equal(stored["isolated"], ~result.kept)
-    assert result.metrics["isolation_cutoff"] == pytest.approx(stored["losses"][~result.kept].max())
-    assert stored["losses"][result.kept].min() >= result.metrics["isolation_cutoff"]
-    # each stage ran its own number of epochs
-    assert torch.load(ctx.workdir / "isolation.pt", weights_only=False)["epoch"] == 3
-    assert torch.load(ctx.workdir / "unlearning.pt", weights_only=False)["epoch"] == 3
-    clean_checkpoints = list(ctx.workdir.glob("clean-*.pt"))
-    assert len(clean_checkpoints) == 1
-    assert torch.load(clean_checkpoints[0], weights_only=False)["epoch"] == 2
+    stored = torch.load(ctx.workdir / "isolated.pt", weights_only=True)
+    isolated, losses = stored["isolated"].numpy(), stored["losses"].numpy()
+    np.testing.assert_array_equal(isolated, ~result.kept)
+    assert result.metrics["isolation_cutoff"] == pytest.approx(losses[~result.kept].max())
+    assert losses[result.kept].min() >= result.metrics["isolation_cutoff"]
+    # each stage ran its own number of epochs, and wrote one history row per epoch
+    for stage, epochs in (("isolation", 3), ("clean", 2), ("unlearning", 3)):
+        assert torch.load(ctx.workdir / f"{stage}.pt", weights_only=True)["epoch"] == epochs
+        rows = (ctx.workdir / f"history-{stage}.csv").read_text().splitlines()
+        assert rows[0] == "epoch,loss,accuracy,lr,seconds" and len(rows) == 1 + epochs
 
 
 class Killed(Exception):
@@ -228,22 +230,22 @@ class Killed(Exception):
 
 
 def kill_after(monkeypatch, saves: int) -> None:
-    """Make the ABL loops raise right after their ``saves``-th checkpoint write (a killed job)."""
-    real_save = abl.save_atomically
+    """Make ABL raise right after its ``saves``-th checkpoint write (a killed job)."""
+    real_save = checkpoint.save
     count = {"n": 0}
 
-    def save_then_maybe_die(obj, path):
-        real_save(obj, path)
+    def save_then_maybe_die(path, digest, state):
+        real_save(path, digest, state)
         count["n"] += 1
         if count["n"] == saves:
             raise Killed
 
-    monkeypatch.setattr(abl, "save_atomically", save_then_maybe_die)
+    monkeypatch.setattr(checkpoint, "save", save_then_maybe_die)
 
 
-# isolation writes checkpoints 1–3, unlearning 4–6 (the clean stage saves through the trainer)
-@pytest.mark.parametrize("saves, stage, epoch", [(2, "isolation", 2), (5, "unlearning", 2)],
-                         ids=["killed-in-isolation", "killed-in-unlearning"])
+# isolation writes checkpoints 1–3, the isolated set 4, the clean stage 5–6, unlearning 7–9
+@pytest.mark.parametrize("saves, stage, epoch", [(2, "isolation", 2), (5, "clean", 1), (8, "unlearning", 2)],
+                         ids=["killed-in-isolation", "killed-in-clean", "killed-in-unlearning"])
 def test_abl_resumes_from_its_checkpoints_with_identical_weights(tmp_path, monkeypatch, saves, stage, epoch):
     ctx, _ = poisoned_context(tmp_path / "straight", n=120)
     reference = abl.run(SPEC, ctx)
@@ -253,7 +255,7 @@ def test_abl_resumes_from_its_checkpoints_with_identical_weights(tmp_path, monke
         kill_after(patch, saves)
         with pytest.raises(Killed):
             abl.run(SPEC, killed_ctx)
-    assert torch.load(killed_ctx.workdir / f"{stage}.pt", weights_only=False)["epoch"] == epoch
+    assert torch.load(killed_ctx.workdir / f"{stage}.pt", weights_only=True)["epoch"] == epoch
     resumed = abl.run(SPEC, killed_ctx)
 
     np.testing.assert_array_equal(resumed.kept, reference.kept)
@@ -278,13 +280,13 @@ def test_resolve_spec_rejects_bad_keys_naming_them():
 
 
 def test_defaults_follow_the_paper():
-    assert abl.DEFAULTS["isolation_ratio"] == 0.01 and abl.DEFAULTS["gamma"] == 0.5
-    assert abl.DEFAULTS["isolation"]["epochs"] == 20 and abl.DEFAULTS["isolation"]["optimizer"]["lr"] == 0.1
-    assert abl.DEFAULTS["clean"]["epochs"] == 60
-    assert abl.DEFAULTS["clean"]["schedule"] == {"name": "multistep", "milestones": [40], "gamma": 0.1}
-    assert abl.DEFAULTS["unlearning"]["epochs"] == 20 and abl.DEFAULTS["unlearning"]["optimizer"]["lr"] == 5e-4
-    assert abl.DEFAULTS["unlearning"]["augment"] == []
-    assert math.isclose(abl.DEFAULTS["isolation"]["optimizer"]["weight_decay"], 1e-4)
+    assert defaults_of(abl.__name__)["isolation_ratio"] == 0.01 and defaults_of(abl.__name__)["gamma"] == 0.5
+    assert defaults_of(abl.__name__)["isolation"]["epochs"] == 20 and defaults_of(abl.__name__)["isolation"]["optimizer"]["lr"] == 0.1
+    assert defaults_of(abl.__name__)["clean"]["epochs"] == 60
+    assert defaults_of(abl.__name__)["clean"]["schedule"] == {"name": "multistep", "milestones": [40], "gamma": 0.1}
+    assert defaults_of(abl.__name__)["unlearning"]["epochs"] == 20 and defaults_of(abl.__name__)["unlearning"]["optimizer"]["lr"] == 5e-4
+    assert defaults_of(abl.__name__)["unlearning"]["augment"] == []
+    assert math.isclose(defaults_of(abl.__name__)["isolation"]["optimizer"]["weight_decay"], 1e-4)
 
 
 def test_schema_defaults_equal_the_module_defaults():
@@ -297,7 +299,7 @@ def test_schema_defaults_equal_the_module_defaults():
         "experiments": [{"dataset": ["digits"], "attack": ["a"], "training": ["t"], "defense": ["x"], "seed": [0]}],
     }
     spec = config.load(copy.deepcopy(raw)).defense("x")
-    assert {key: value for key, value in spec.items() if key != "kind"} == abl.DEFAULTS
+    assert {key: value for key, value in spec.items() if key != "kind"} == defaults_of(abl.__name__)
     raw["defenses"]["x"]["isolation"] = {"adversarial": {"eps": 0.03, "step": 0.01, "steps": 2}}
     with pytest.raises(ConfigError, match="defenses.x.isolation.adversarial"):
         config.load(raw)

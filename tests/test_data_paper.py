@@ -117,11 +117,13 @@ def test_schema_fills_only_the_shared_dataset_defaults():
            "trainings": {"t": {"model": "m"}}, "attacks": {"a": {"kind": "badnets"}}, "defenses": {"n": {"kind": "none"}},
            "experiments": [{"dataset": ["f"], "attack": ["a"], "training": ["t"], "defense": ["n"], "seed": [0]}]}
     entry = validate(raw)["datasets"]["f"]
-    # Source-specific defaults (train_dir, image_size, ...) live in the source modules, so other
-    # sources' resolved entries do not carry them.
-    assert entry == {"source": "imagefolder", "root": "/x", "download": False, "split_seed": 0,
-                     "download_timeout": DEFAULT_DOWNLOAD_TIMEOUT}
-    assert imagefolder.DEFAULTS == {"train_dir": "train", "test_dir": "val", "image_size": 224, "resize": "bilinear"}
+    # Each source's defaults come from its fragment (imagefolder.yaml): other sources' resolved
+    # entries do not carry them.
+    assert entry == {"source": "imagefolder", "root": "/x", "download": False, "split_seed": 0, "reserve": 0.05,
+                     "download_timeout": DEFAULT_DOWNLOAD_TIMEOUT, "train_dir": "train", "test_dir": "val",
+                     "image_size": 224, "resize": "bilinear"}
+    raw["datasets"]["f"] = {"source": "digits"}
+    assert validate(raw)["datasets"]["f"] == {"source": "digits", "split_seed": 0, "reserve": 0.05}
 
 
 # --- store writer --------------------------------------------------------------------------------
@@ -571,10 +573,10 @@ def test_imagefolder_per_class_draws(image_tree):
     assert set(cat_colours) <= {tree_colour("train", "cat", i) for i in range(5)} and len(set(cat_colours)) == 3
     assert cat_colours == sorted(cat_colours, key=lambda c: c[1])  # kept in file order
     # A class's draw depends on its folder and the seed, not on the other classes listed.
-    alone = imagefolder.load(dict(spec, classes=["cat"]))
-    assert colours_of(alone.train_images) == cat_colours
-    other_seed = imagefolder.load(dict(spec, split_seed=4, classes=["cat"]))
-    assert len(other_seed.train_images) == 3
+    alone = imagefolder.load(dict(spec, classes=["cat", "bird"]))
+    assert colours_of(alone.train_images[:3]) == cat_colours
+    other_seed = imagefolder.load(dict(spec, split_seed=4, classes=["cat", "bird"]))
+    assert len(other_seed.train_images) == 6
     assert imagefolder.describe(spec) == {"classes": ["cat", "dog"], "train_counts": [3, 3]}
 
 
@@ -588,7 +590,7 @@ def test_imagefolder_test_split_drawn_from_training_folders(image_tree):
         train = set(colours_of(arrays.train_images[arrays.train_labels == label]))
         test = set(colours_of(arrays.test_images[arrays.test_labels == label]))
         assert len(train) == 2 and len(test) == 2 and not train & test
-    rest = imagefolder.load(dict(spec, train_per_class=None))
+    rest = imagefolder.load({k: v for k, v in spec.items() if k != "train_per_class"})
     np.testing.assert_array_equal(np.bincount(rest.train_labels), [3, 2])  # 5 − 2 cats, 4 − 2 dogs
 
 

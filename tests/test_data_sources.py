@@ -481,7 +481,7 @@ def test_synthetic_classes_are_learnable_but_not_trivial():
 
 
 def test_synthetic_rejects_bad_counts():
-    with pytest.raises(ConfigError, match=r"datasets\.num_classes: 1 is below the minimum 2"):
+    with pytest.raises(ConfigError, match=r"datasets\.num_classes: 1 is less than the minimum of 2"):
         synthetic.load({"num_classes": 1})
     with pytest.raises(ConfigError, match=r"d\.train_size"):
         synthetic.describe({"train_size": 0}, key="d")

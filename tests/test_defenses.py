@@ -10,13 +10,14 @@ import pytest
 import torch
 from torch import nn
 
+from poisonflow.kinds import defaults_of, settings_for
 from poisonflow.defenses import DEFENSES, DefenseContext, merge
 from poisonflow.defenses import aabl, fine_pruning
 from poisonflow.errors import ConfigError
 from poisonflow.losses import symmetric_cross_entropy
 from poisonflow.models import build_model
 from poisonflow.thresholds import otsu_threshold
-from poisonflow.trainer import data_fingerprint, spec_digest, to_float, images_to_tensor, train_model
+from poisonflow.trainer import images_to_tensor, to_float, train_model, training_digest
 
 torch.set_num_threads(1)
 
@@ -172,7 +173,7 @@ def test_split_keeps_the_vulnerable_and_removes_the_robust():
     images, labels = grey_images(levels), (np.array(levels) > 127.5).astype(np.int64)
     slope = 20.0
     model = MeanBrightness(pixels=12, slope=slope)
-    split = merge(aabl.DEFAULTS["split"], {"eps": 0.1, "steps": 5, "batch_size": 5})
+    split = merge(defaults_of(aabl.__name__)["split"], {"eps": 0.1, "steps": 5, "batch_size": 5})
 
     result = aabl.split_by_vulnerability(model, images, labels, split)
 
@@ -189,7 +190,7 @@ def test_split_keeps_the_vulnerable_and_removes_the_robust():
 def test_split_with_sce_attack_loss_agrees_on_a_linear_model():
     levels = [10, 30, 225, 245, 115, 125, 130, 140]
     images, labels = grey_images(levels), (np.array(levels) > 127.5).astype(np.int64)
-    split = merge(aabl.DEFAULTS["split"], {"eps": 0.1, "attack_loss": "sce"})
+    split = merge(defaults_of(aabl.__name__)["split"], {"eps": 0.1, "attack_loss": "sce"})
     result = aabl.split_by_vulnerability(MeanBrightness(12, 20.0), images, labels, split)
     np.testing.assert_array_equal(result.kept, [False] * 4 + [True] * 4)
 
@@ -217,16 +218,17 @@ def test_aabl_runs_end_to_end_and_resumes_from_its_checkpoints(tmp_path):
 
     # stage 1 trained with Adam on all samples, stage 3 adversarially on the kept ones only
     resolved = aabl.resolve_spec(AABL_SPEC)
-    stage1 = torch.load(ctx.workdir / "stage1.pt", weights_only=False)
-    stage3 = torch.load(ctx.workdir / "stage3.pt", weights_only=False)
+    stage1 = torch.load(ctx.workdir / "stage1.pt", weights_only=True)
+    stage3 = torch.load(ctx.workdir / "stage3.pt", weights_only=True)
     stage1_training = merge(TINY_TRAINING, resolved["stage1"])
     stage3_training = merge(TINY_TRAINING, resolved["stage3"])
     assert stage1_training["optimizer"]["name"] == "adam" and stage1_training["optimizer"]["lr"] == 1e-3
     assert stage3_training["adversarial"] == {"eps": 4 / 255, "step": 2 / 255, "steps": 2}
-    all_data = data_fingerprint(ctx.train_images, ctx.train_labels)
-    kept_data = data_fingerprint(ctx.train_images[result.kept], ctx.train_labels[result.kept])
-    assert stage1["digest"] == spec_digest(stage1_training, 0, all_data, False, [])
-    assert stage3["digest"] == spec_digest(stage3_training, 0, kept_data, False, [])
+    # both stages start from the same seeded fresh model
+    assert stage1["digest"] == training_digest(aabl.fresh_model(ctx), ctx.train_images, ctx.train_labels,
+                                               stage1_training, seed=0)
+    assert stage3["digest"] == training_digest(aabl.fresh_model(ctx), ctx.train_images, ctx.train_labels,
+                                               stage3_training, seed=0, subset=result.kept)
     assert stage1["epoch"] == 2 and stage3["epoch"] == 1
 
     # a rerun loads both stages and the split instead of recomputing them
@@ -246,11 +248,11 @@ def test_aabl_rejects_unknown_keys(tmp_path):
 
 
 def test_aabl_defaults_follow_the_paper():
-    assert aabl.DEFAULTS["stage1"]["epochs"] == 20
-    assert aabl.DEFAULTS["stage1"]["optimizer"] == {"name": "adam", "lr": 1e-3, "weight_decay": 0.0}
-    assert aabl.DEFAULTS["split"]["eps"] == 2 / 255 and aabl.DEFAULTS["split"]["steps"] == 5
-    assert (aabl.DEFAULTS["split"]["sce_alpha"], aabl.DEFAULTS["split"]["sce_beta"]) == (0.1, 1.0)
-    assert aabl.DEFAULTS["stage3"]["adversarial"] == {"eps": 8 / 255, "step": 2 / 255, "steps": 10}
+    assert defaults_of(aabl.__name__)["stage1"]["epochs"] == 20
+    assert defaults_of(aabl.__name__)["stage1"]["optimizer"] == {"name": "adam", "lr": 1e-3, "weight_decay": 0.0}
+    assert defaults_of(aabl.__name__)["split"]["eps"] == 2 / 255 and defaults_of(aabl.__name__)["split"]["steps"] == 5
+    assert (defaults_of(aabl.__name__)["split"]["sce_alpha"], defaults_of(aabl.__name__)["split"]["sce_beta"]) == (0.1, 1.0)
+    assert defaults_of(aabl.__name__)["stage3"]["adversarial"] == {"eps": 8 / 255, "step": 2 / 255, "steps": 10}
 
 
 # --- fine-pruning ---------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from poisonflow.kinds import defaults_of, settings_for
 from poisonflow import config
 from poisonflow.defenses import DEFENSES, DefenseContext, merge
 from poisonflow.defenses import autoencoder, nad, sentinet, shrinkpad, strip
@@ -313,7 +314,7 @@ def test_autoencoder_reconstruction_error_decreases_with_training(tmp_path):
     images, _ = colour_images(96, 8)
     model = autoencoder.build_autoencoder(width=8, depth=2, image_shape=(8, 8), seed=0)
     before = autoencoder.reconstruction_error(model, images)
-    settings = merge(autoencoder.DEFAULTS, {"epochs": 6, "batch_size": 16, "lr": 0.01})
+    settings = merge(defaults_of(autoencoder.__name__), {"epochs": 6, "batch_size": 16, "lr": 0.01})
     losses = autoencoder.train_autoencoder(model, images, settings, seed=0, checkpoint=tmp_path / "ae.pt")
     after = autoencoder.reconstruction_error(model, images)
     assert len(losses) == 6 and losses[-1] < losses[0]
@@ -515,8 +516,8 @@ def test_schema_defaults_equal_the_modules_defaults():
     cfg = load_config({kind: {"kind": kind} for kind in MODULES})
     for kind, module in MODULES.items():
         resolved = {key: value for key, value in cfg.defense(kind).items() if key != "kind"}
-        assert resolved == module.DEFAULTS, kind
-        assert module.resolve_spec(cfg.defense(kind)) == module.DEFAULTS
+        assert resolved == defaults_of(module.__name__), kind
+        assert module.resolve_spec(cfg.defense(kind)) == defaults_of(module.__name__)
 
 
 @pytest.mark.parametrize("kind, change, message", [

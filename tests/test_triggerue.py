@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from poisonflow.kinds import defaults_of, settings_for
 from poisonflow import clip_surrogate, config, triggers
 from poisonflow.attacks import UNLEARNABLE, PoisonContext
 from poisonflow.cli import main
@@ -86,17 +88,17 @@ X = images(len(LABELS))
 
 def test_registered_and_defaults_follow_the_paper_and_the_schema():
     assert UNLEARNABLE.get("triggerue") is triggerue
-    assert triggerue.DEFAULTS["eps"] == 8 / 255 and triggerue.DEFAULTS["steps"] == 20
-    assert triggerue.DEFAULTS["step"] == 0.05  # the paper's α, ≈ 1.6·ε
-    assert triggerue.DEFAULTS["trigger"] == {"k": 4, "s": 0.5, "grid_rescale": 1.0}
-    assert triggerue.DEFAULTS["clip"] == {"model": "RN50", "pretrained": "openai", "checkpoint": None,
+    assert defaults_of(triggerue.__name__)["eps"] == 8 / 255 and defaults_of(triggerue.__name__)["steps"] == 20
+    assert defaults_of(triggerue.__name__)["step"] == 0.05  # the paper's α, ≈ 1.6·ε
+    assert defaults_of(triggerue.__name__)["trigger"] == {"k": 4, "s": 0.5, "grid_rescale": 1.0}
+    assert defaults_of(triggerue.__name__)["clip"] == {"model": "RN50", "pretrained": "openai", "checkpoint": None,
                                           "prompt": "a photo of a {}.", "download": False}
     raw = {"datasets": {"digits": {"source": "digits"}}, "models": {"m": MODEL}, "trainings": {"t": {"model": "m"}},
            "surrogates": {"s": {"training": "t"}}, "attacks": {"u": {"kind": "triggerue", "surrogate": "s"}},
            "defenses": {"n": {"kind": "none"}},
            "experiments": [{"dataset": ["digits"], "attack": ["u"], "training": ["t"], "defense": ["n"], "seed": [0]}]}
     entry = config.load(raw).attack("u")
-    assert {k: v for k, v in entry.items() if k not in ("kind", "rate", "surrogate", "surrogate_entry")} == triggerue.DEFAULTS
+    assert {k: v for k, v in entry.items() if k not in ("surrogate", "surrogate_entry")} == defaults_of(triggerue.__name__)
     # the trained surrogate is required exactly when features are eliminated on it
     no_surrogate = copy.deepcopy(raw)
     no_surrogate["attacks"]["u"] = {"kind": "triggerue"}
@@ -110,20 +112,20 @@ def test_registered_and_defaults_follow_the_paper_and_the_schema():
 
 
 @pytest.mark.parametrize("change, key", [
-    ({"components": ["features", "noise"]}, "attack.components"),
-    ({"components": []}, "attack.components"),
-    ({"eps": 0}, "attack.eps"),
-    ({"steps": 0}, "attack.steps"),
-    ({"batch_size": 2.5}, "attack.batch_size"),
-    ({"surrogate_kind": "vit"}, "attack.surrogate_kind"),
-    ({"trigger": {"k": 1}}, "attack.trigger.k"),
-    ({"trigger": {"size": 3}}, "attack.trigger.size"),
-    ({"clip": {"prompt": "no placeholder"}}, "attack.clip.prompt"),
-    ({"colour": 1}, "attack.colour"),
+    ({"components": ["features", "noise"]}, "triggerue.components[1]"),
+    ({"components": []}, "triggerue.components"),
+    ({"eps": 0}, "triggerue.eps"),
+    ({"steps": 0}, "triggerue.steps"),
+    ({"batch_size": 2.5}, "triggerue.batch_size"),
+    ({"surrogate_kind": "vit"}, "triggerue.surrogate_kind"),
+    ({"trigger": {"k": 1}}, "triggerue.trigger.k"),
+    ({"trigger": {"size": 3}}, "triggerue.trigger.size"),
+    ({"clip": {"prompt": "no placeholder"}}, "triggerue.clip.prompt"),
+    ({"colour": 1}, "triggerue.colour"),
 ])
 def test_bad_settings_name_their_key(change, key):
-    with pytest.raises(ConfigError, match="^" + key.replace(".", r"\.") + ":"):
-        triggerue.settings(spec(**change))
+    with pytest.raises(ConfigError, match="^" + re.escape(key) + ":"):
+        settings_for(triggerue.__name__, spec(**change), "triggerue")
 
 
 def test_missing_surrogate_and_unknown_class_are_config_errors():
@@ -159,7 +161,7 @@ def test_perturbation_within_budget_raises_the_loss_and_is_then_warped():
 
     # the released image is warp(x + δ) by the class grid, rounded to uint8
     out = triggerue.protect(spec(batch_size=len(LABELS)), X, LABELS, context(model), seed=5)
-    grids = {c: triggerue.class_grid(c, SIZE, triggerue.TRIGGER_DEFAULTS, 5) for c in range(3)}
+    grids = {c: triggerue.class_grid(c, SIZE, defaults_of(triggerue.__name__)["trigger"], 5) for c in range(3)}
     expected = torch.cat([triggers.warp(adversarial[i:i + 1], grids[int(c)]) for i, c in enumerate(LABELS)])
     assert np.array_equal(out, as_u8(expected))
     assert out.dtype == np.uint8 and out.shape == X.shape
@@ -179,7 +181,7 @@ def test_feature_elimination_starts_from_zero_and_is_deterministic():
 
 
 def test_class_grids_same_within_class_different_across_classes():
-    trigger = triggerue.TRIGGER_DEFAULTS
+    trigger = defaults_of(triggerue.__name__)["trigger"]
     grids = [triggerue.class_grid(c, SIZE, trigger, seed=7) for c in range(4)]
     assert all(torch.equal(g, triggerue.class_grid(c, SIZE, trigger, seed=7)) for c, g in enumerate(grids))
     for a in range(4):
@@ -207,7 +209,7 @@ def test_a_class_trigger_does_not_depend_on_the_other_classes_present():
     assert np.array_equal(alone, everything[twos])
     # a class the dataset has never seen (id 9) gets its own trigger from (seed, 9) alone
     new = triggerue.protect(spec(components=["trigger"]), X[:2], np.array([9, 9]), context(), seed=2)
-    grid = triggerue.class_grid(9, SIZE, triggerue.TRIGGER_DEFAULTS, 2)
+    grid = triggerue.class_grid(9, SIZE, defaults_of(triggerue.__name__)["trigger"], 2)
     assert np.array_equal(new, as_u8(triggers.warp(as_float(X[:2]), grid)))
     # trigger.seed overrides the experiment seed
     seeded = triggerue.protect(spec(components=["trigger"], trigger={"seed": 2}), X[:2], np.array([9, 9]), context(), 11)
@@ -218,7 +220,7 @@ def test_ablation_components():
     model = surrogate()
     x, y = as_float(X), torch.as_tensor(LABELS)
     adversarial = triggerue.eliminate_features(model, x, y, EPS, 0.05, 20)
-    grids = {c: triggerue.class_grid(c, SIZE, triggerue.TRIGGER_DEFAULTS, 0) for c in range(3)}
+    grids = {c: triggerue.class_grid(c, SIZE, defaults_of(triggerue.__name__)["trigger"], 0) for c in range(3)}
     warp = lambda z: torch.cat([triggers.warp(z[i:i + 1], grids[int(c)]) for i, c in enumerate(LABELS)])
 
     only_features = triggerue.protect(spec(components=["features"], batch_size=10), X, LABELS, context(model), 0)
@@ -301,7 +303,7 @@ def test_clip_feature_elimination_lowers_the_true_class_probability(tiny_clip):
     assert (after < before).all()
     # through the kind: the new class (id 3) is protected like the others
     out = triggerue.protect(spec(surrogate_kind="clip", clip=clip, batch_size=6), X[:6], labels, ctx, seed=0)
-    grids = {c: triggerue.class_grid(c, SIZE, triggerue.TRIGGER_DEFAULTS, 0) for c in range(4)}
+    grids = {c: triggerue.class_grid(c, SIZE, defaults_of(triggerue.__name__)["trigger"], 0) for c in range(4)}
     expected = torch.cat([triggers.warp(adversarial[i:i + 1], grids[int(c)]) for i, c in enumerate(labels)])
     assert np.array_equal(out, as_u8(expected))
 
@@ -411,7 +413,7 @@ def test_streaming_protect_refuses_unknown_folders_and_whole_dataset_kinds(tmp_p
     (tmp_path / "classes.txt").write_text("zero\none\nseven\n")
     status, _, err = cli(capsys, *args, "--spec", json.dumps(spec(components=["trigger"])))
     assert status == 0, err
-    grid = triggerue.class_grid(2, SIZE, triggerue.TRIGGER_DEFAULTS, 0)
+    grid = triggerue.class_grid(2, SIZE, defaults_of(triggerue.__name__)["trigger"], 0)
     released = np.asarray(Image.open(tmp_path / "out" / "seven" / "a.png"))
     assert np.array_equal(released[None], as_u8(triggers.warp(as_float(X[:1]), grid)))
     # the entry from a config file gives the same bytes as the resolved spec

@@ -14,13 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from poisonflow.kinds import defaults_of, settings_for
 from poisonflow import config
 from poisonflow.attacks import UNLEARNABLE, PoisonContext
 from poisonflow.errors import ConfigError
 from poisonflow.stages.poison import protect as stage_protect
 from poisonflow.store import read_store, write_store
 from poisonflow.unlearnable import ar, em, entf, lsp, ops, rem, tap
-from poisonflow.unlearnable.common import (build_surrogate, images_to_float, project_linf, resolve_settings,
+from poisonflow.unlearnable.common import (build_surrogate, images_to_float, project_linf,
                                            scale_to_l2, sgd, sign_gradient_steps, train_step)
 from workflow_utils import REPO
 
@@ -139,19 +140,19 @@ def test_schema_defaults_equal_the_modules_defaults():
     cfg = config.load(raw)
     for kind in KINDS:
         module = importlib.import_module(f"poisonflow.unlearnable.{kind}")
-        entry = {k: v for k, v in cfg.attack(kind).items() if k not in ("kind", "rate", "surrogate", "surrogate_entry")}
-        assert entry == module.DEFAULTS, kind
+        entry = {k: v for k, v in cfg.attack(kind).items() if k not in ("surrogate", "surrogate_entry")}
+        assert entry == defaults_of(module.__name__), kind
         assert UNLEARNABLE.module_name(kind) == f"poisonflow.unlearnable.{kind}"
 
 
 def test_paper_defaults():
-    assert (em.DEFAULTS["eps"], em.DEFAULTS["step"], em.DEFAULTS["steps"]) == (8 / 255, 0.8 / 255, 20)
-    assert (em.DEFAULTS["train_steps"], em.DEFAULTS["stop_accuracy"]) == (10, 0.99)
-    assert em.DEFAULTS["model"] == {"arch": "resnet18", "width": 64}
-    assert (tap.DEFAULTS["eps"], tap.DEFAULTS["steps"]) == (8 / 255, 250)
-    assert (rem.DEFAULTS["adv_eps"], rem.DEFAULTS["eot_samples"], rem.DEFAULTS["train_steps"]) == (4 / 255, 5, 5000)
-    assert (lsp.DEFAULTS["patch_size"], lsp.DEFAULTS["eps"]) == (8, 6 / 255)
-    assert (ar.DEFAULTS["eps"], ar.DEFAULTS["crop"]) == (1.0, 4)
+    assert (defaults_of(em.__name__)["eps"], defaults_of(em.__name__)["step"], defaults_of(em.__name__)["steps"]) == (8 / 255, 0.8 / 255, 20)
+    assert (defaults_of(em.__name__)["train_steps"], defaults_of(em.__name__)["stop_accuracy"]) == (10, 0.99)
+    assert defaults_of(em.__name__)["model"] == {"arch": "resnet18", "width": 64}
+    assert (defaults_of(tap.__name__)["eps"], defaults_of(tap.__name__)["steps"]) == (8 / 255, 250)
+    assert (defaults_of(rem.__name__)["adv_eps"], defaults_of(rem.__name__)["eot_samples"], defaults_of(rem.__name__)["train_steps"]) == (4 / 255, 5, 5000)
+    assert (defaults_of(lsp.__name__)["patch_size"], defaults_of(lsp.__name__)["eps"]) == (8, 6 / 255)
+    assert (defaults_of(ar.__name__)["eps"], defaults_of(ar.__name__)["crop"]) == (1.0, 4)
 
 
 @pytest.mark.parametrize("kind", ["tap", "entf"])
@@ -177,8 +178,8 @@ def test_schema_requires_a_surrogate_for_tap_and_entf():
 
 
 def test_unknown_key_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"^em\.epz: unknown key for a em entry"):
-        resolve_settings({"kind": "em", "epz": 1}, em.DEFAULTS, "em")
+    with pytest.raises(ConfigError, match=r"^em\.epz: unknown key \(known: batch_size, eps"):
+        settings_for(em.__name__, {"kind": "em", "epz": 1})
 
 
 def test_poison_stage_protects_a_rate_fraction_with_lsp_and_keeps_labels(tmp_path):
@@ -227,7 +228,7 @@ def test_em_makes_labels_of_pure_noise_learnable_and_stops_when_fitted():
     """Noise images with cyclic labels carry no class information: only δ can make them fit."""
     noise = NOISE
     spec = {**TINY["em"], "steps": 10, "step": 2 / 255, "stop_accuracy": 1.0, "max_rounds": 6}
-    settings = resolve_settings(spec, em.DEFAULTS, "em")
+    settings = settings_for(em.__name__, spec)
     generation = em.error_minimizing_noise(noise, LABELS, settings, K, seed=0)
     x, y = images_to_float(noise), torch.as_tensor(LABELS)
     assert generation.delta.abs().max() <= settings["eps"] + 1e-6
@@ -266,7 +267,7 @@ def test_em_resumes_from_its_checkpoint_after_a_kill(tmp_path, monkeypatch):
 
 
 def test_rem_noise_lowers_the_source_models_loss_under_attack():
-    settings = resolve_settings({**TINY["rem"], "train_steps": 6, "steps": 4}, rem.DEFAULTS, "rem")
+    settings = settings_for(rem.__name__, {**TINY["rem"], "train_steps": 6, "steps": 4})
     generation = rem.robust_error_minimizing_noise(IMAGES, LABELS, settings, K, seed=0)
     x, y = images_to_float(IMAGES), torch.as_tensor(LABELS)
     assert generation.delta.abs().max() <= settings["eps"] + 1e-6
@@ -309,7 +310,7 @@ def test_tap_moves_predictions_to_the_next_class(surrogate):
 
 def test_tap_permutation_and_restart_choice(surrogate):
     assert tap.target_classes(torch.tensor([0, 1, 2]), 3).tolist() == [1, 2, 0]
-    settings = resolve_settings({"steps": 3, "restarts": 3, "augment": []}, tap.DEFAULTS, "tap")
+    settings = settings_for(tap.__name__, {"steps": 3, "restarts": 3, "augment": []})
     delta = tap.targeted_adversarial_noise(surrogate, IMAGES, LABELS, K, settings, seed=0)
     x, y = images_to_float(IMAGES), torch.as_tensor(LABELS)
     losses = []
@@ -366,7 +367,7 @@ def test_lsp_points_fill_colour_blocks():
 
 def test_lsp_noise_is_separable_by_class_with_the_l2_budget():
     labels = np.arange(90) % K
-    settings = {**lsp.DEFAULTS, "patch_size": 4}
+    settings = {**defaults_of(lsp.__name__), "patch_size": 4}
     delta, centroids = lsp.synthetic_noise(labels, K, SIZE, SIZE, settings, seed=0)
     budget = 6 / 255 * math.sqrt(3 * SIZE * SIZE)
     assert torch.allclose(delta.flatten(1).norm(dim=1), torch.full((90,), budget), rtol=1e-5)
@@ -389,7 +390,7 @@ def test_lsp_protected_images_keep_the_l2_budget():
 def test_lsp_rejects_a_patch_size_without_enough_centroids():
     labels = np.arange(20) % 10
     with pytest.raises(ConfigError, match=r"^lsp\.patch_size:"):
-        lsp.synthetic_noise(labels, 10, 8, 8, {**lsp.DEFAULTS, "patch_size": 8}, seed=0)  # 3 dims, 8 vertices
+        lsp.synthetic_noise(labels, 10, 8, 8, {**defaults_of(lsp.__name__), "patch_size": 8}, seed=0)  # 3 dims, 8 vertices
 
 
 # --- OPS -------------------------------------------------------------------------------------
@@ -455,7 +456,7 @@ def test_ar_coefficients_sum_to_one_without_the_current_pixel():
 
 
 def test_ar_noise_is_annihilated_by_its_own_class_filter_only():
-    settings = {**ar.DEFAULTS, "min_response": 0.5}
+    settings = {**defaults_of(ar.__name__), "min_response": 0.5}
     coefficients = ar.search_coefficients(K, SIZE + 4, settings, torch.Generator().manual_seed(0))
     labels = np.arange(30) % K
     delta = ar.autoregressive_noise(labels, coefficients, SIZE, settings, torch.Generator().manual_seed(1))
@@ -477,6 +478,6 @@ def test_ar_protected_images_keep_the_l2_budget():
 
 
 def test_ar_search_gives_up_with_a_config_error():
-    settings = {**ar.DEFAULTS, "min_response": 1e6, "max_attempts": 70}
+    settings = {**defaults_of(ar.__name__), "min_response": 1e6, "max_attempts": 70}
     with pytest.raises(ConfigError, match=r"^ar\.min_response: found only [01] of 3 AR processes in 70 draws"):
         ar.search_coefficients(K, 12, settings, torch.Generator().manual_seed(0))

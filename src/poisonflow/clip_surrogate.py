@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .kinds import definition_settings
 
 
 # What to do instead when CLIP weights are missing; appended to the error messages.
@@ -140,7 +141,7 @@ def weights_source(open_clip, clip: dict, key: str) -> str | None:
 def load_clip(clip: dict, key: str = "clip", device="cpu") -> nn.Module:
     """The open_clip model named by the ``clip:`` settings, weights loaded, eval mode, frozen."""
     open_clip = _open_clip(key)
-    clip = settings(clip, key)
+    clip = definition_settings("clipModel", clip, key)
     source = weights_source(open_clip, clip, key)
     # A weights file stands for the tag's weights: keep the tag's activation and preprocessing.
     tag_cfg = open_clip.get_pretrained_cfg(clip["model"], clip["pretrained"]) if clip["pretrained"] else {}
@@ -171,7 +172,7 @@ def zero_shot_classifier(clip: dict | None, classes: list[str], device="cpu", ke
     """A :class:`ZeroShotCLIP` over ``classes`` (names, in class-id order) from the ``clip:`` settings."""
     if not classes:
         raise ConfigError(f"{key}: the CLIP surrogate needs the class names of the dataset")
-    clip = settings(clip, key)
+    clip = definition_settings("clipModel", clip, key)
     open_clip = _open_clip(key)
     model = load_clip(clip, key, device)
     tokenizer = open_clip.get_tokenizer(clip["model"])

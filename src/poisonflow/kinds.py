@@ -289,3 +289,10 @@ def defaults_of(module: str) -> dict:
     included; a required key without a default stays absent)."""
     fragment = fragment_of(module)
     return fill_and_check({fragment.role.discriminator: fragment.kind}, kind_schema(module), strict=False)
+
+
+def definition_settings(name: str, value: dict | None, key: str) -> dict:
+    """``value`` checked against the base schema's ``$defs/name`` with its defaults filled (for the
+    building blocks that several kinds configure the same way, e.g. ``clipModel``)."""
+    definitions = config_schema()["$defs"]
+    return fill_and_check(dict(value or {}), {"$defs": definitions, **definitions[name]}, key)

@@ -135,7 +135,7 @@ def locate(spec: dict, key: str = "datasets") -> tuple[str, Path]:
     download = bool(spec.get("download", False))
     if spec.get("root") is None and not (download and spec.get("url")):
         raise DataSourceError(f"{key}.root is not set: point it at a folder holding "
-                              f"{spec["train_dir"]}/<class>/ image folders, "
+                              f"{spec['train_dir']}/<class>/ image folders, "
                               f"or set {key}.url, {key}.md5 and {key}.download: true")
     root = archive_root(spec, key) if spec.get("root") is None else Path(spec["root"]).expanduser()
     train_folder = root / spec["train_dir"]
@@ -143,12 +143,12 @@ def locate(spec: dict, key: str = "datasets") -> tuple[str, Path]:
         return "read", root
     if download:
         if not spec.get("url"):
-            raise ConfigError(f"{key}.url: set the URL of an archive holding {spec["train_dir"]}/ to download")
+            raise ConfigError(f"{key}.url: set the URL of an archive holding {spec['train_dir']}/ to download")
         if not spec.get("md5"):
             raise ConfigError(f"{key}.md5: set the archive's MD5 so the download can be verified")
         return "download", root
     raise DataSourceError(f"{key}.root: {train_folder} does not exist; point {key}.root at the folder holding "
-                          f"{spec["train_dir"]}/, or set {key}.url, {key}.md5 and {key}.download: true")
+                          f"{spec['train_dir']}/, or set {key}.url, {key}.md5 and {key}.download: true")
 
 
 def prepared_root(spec: dict, key: str) -> Path:
@@ -158,7 +158,7 @@ def prepared_root(spec: dict, key: str) -> Path:
         fetch(spec["url"], archive, spec["md5"], spec, key, md5_key=f"{key}.md5")
         extract(archive, root, key)
         if not (root / spec["train_dir"]).is_dir():
-            raise DataSourceError(f"{key}.url: {archive} holds no {spec["train_dir"]}/ folder at its top level")
+            raise DataSourceError(f"{key}.url: {archive} holds no {spec['train_dir']}/ folder at its top level")
     return root
 
 

@@ -122,5 +122,7 @@ def run(args) -> None:
         metrics["nder"] = score
     save_weights(result.model, out / "model.pt")
     write_json(metrics, out / "metrics.json")
+    for history in (out / "work").glob("history-*.csv"):  # each training's per-epoch history outlives the work dir
+        history.replace(out / history.name)
     shutil.rmtree(out / "work", ignore_errors=True)  # checkpoints are only for resuming a killed job
     print(f"{out}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))

@@ -38,7 +38,7 @@ def run(args) -> None:
     model = build_model(training["model"], len(clean.attrs["classes"]), images.shape[1], seed=args.seed)
     device = torch_device()
     result = train_model(model, images, labels, training, seed=args.seed, device=device,
-                         checkpoint=out / "checkpoint.pt", record_dynamics=True,
+                         checkpoint=out / "checkpoint.pt", history=out / "history.csv", record_dynamics=True,
                          snapshot_epochs=(score_epoch,), desc="surrogate")
     np.savez(out / "dynamics.tmp.npz", correct=result.correct, loss=result.loss)
     (out / "dynamics.tmp.npz").replace(out / "dynamics.npz")

@@ -35,7 +35,7 @@ def run(args) -> None:
     model = build_model(training["model"], len(clean.attrs["classes"]), images.shape[1], seed=args.seed)
     started = time.perf_counter()
     train_model(model, images, labels, training, seed=args.seed, device=device,
-                checkpoint=out / "checkpoint.pt", desc="victim")
+                checkpoint=out / "checkpoint.pt", history=out / "history.csv", desc="victim")
     train_seconds = time.perf_counter() - started
     metrics = evaluate_store_model(model, clean, poisoned, evaluation, device)
     save_weights(model, out / "model.pt")

@@ -4,7 +4,7 @@ Images come in as uint8 (N, H, W, 3) arrays and go out the same way; inside, the
 tensors (N, 3, H, W) in [0, 1] (:func:`images_to_float`) and a perturbation δ is a float tensor of
 the same shape, added and rounded back by :func:`add_perturbation`.
 
-- config: :func:`resolve_settings` (an entry's keys over its kind's ``DEFAULTS``),
+- config:
   :func:`entry_key`, :func:`class_count`, :func:`require_surrogate`;
 - budgets: :func:`project_linf` (ℓ∞ ball and valid pixels), :func:`scale_to_l2`;
 - optimization: :func:`uniform_start`, :func:`normal_start`, :func:`sign_gradient_steps` (ℓ∞
@@ -37,23 +37,9 @@ from ..trainer import images_to_tensor, to_float
 
 Objective = Callable[[torch.Tensor], torch.Tensor]
 
-# Keys every unlearnable-example entry may carry besides its kind's own (read by the poison stage
-# and the config; ``surrogate_entry`` is the resolved surrogate the config adds).
-ENTRY_KEYS = frozenset({"kind", "rate", "surrogate", "surrogate_entry"})
 
 
 # --- config ---------------------------------------------------------------------------------
-
-
-def resolve_settings(spec: dict, defaults: dict, kind: str) -> dict:
-    """The entry's own keys over its kind's ``defaults``; an unknown key is a ConfigError."""
-    unknown = sorted(set(spec) - set(defaults) - ENTRY_KEYS)
-    if unknown:
-        raise ConfigError(f"{kind}.{unknown[0]}: unknown key for a {kind} entry "
-                          f"(known: {', '.join(sorted(defaults))})")
-    settings = copy.deepcopy(defaults)
-    settings.update({key: copy.deepcopy(value) for key, value in spec.items() if key in defaults})
-    return settings
 
 
 def entry_key(context) -> str:

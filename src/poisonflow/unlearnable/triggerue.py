@@ -67,7 +67,7 @@ from .. import clip_surrogate, triggers
 from ..adversarial import pgd
 from ..errors import ConfigError
 from ..kinds import settings_for
-from .common import ENTRY_KEYS, entry_key, float_to_images, images_to_float, seeded_generator
+from .common import entry_key, float_to_images, images_to_float, seeded_generator
 
 # The paper's order: eliminate features first, then warp; ``components`` only switches steps off.
 COMPONENT_ORDER = ("features", "trigger")
