@@ -157,7 +157,7 @@ ISOLATION = {"epochs": 8, "optimizer": {"lr": 0.05}}
 @pytest.mark.parametrize("seed", [0, 1])
 def test_lga_isolation_is_enriched_in_poisons(tmp_path, seed):
     ctx, poisoned = poisoned_context(tmp_path, seed=seed)
-    resolved = abl.resolve_spec({"isolation": ISOLATION, "isolation_ratio": 0.05})
+    resolved = settings_for(abl.__name__, {"isolation": ISOLATION, "isolation_ratio": 0.05})
     model = abl.isolation_training(ctx, resolved)
     isolation = abl.isolate(model, ctx.train_images, ctx.train_labels, 0.05)
     assert isolation.isolated.sum() == 15

@@ -47,7 +47,7 @@ def tiny_context(tmp_path, victim=None, n: int = 120, seed: int = 0) -> DefenseC
     images, labels = synthetic_images(n, seed=seed)
     clean_images, clean_labels = synthetic_images(n, seed=seed + 1)
     return DefenseContext(
-        train_images=images, train_labels=labels, clean_images=clean_images, clean_labels=clean_labels,
+        train_images=images, train_labels=labels, reserve_images=clean_images, reserve_labels=clean_labels,
         training=TINY_TRAINING,
         build_model=lambda: build_model(TINY_TRAINING["model"], num_classes=3, image_size=8),
         victim=victim, seed=seed, device=torch.device("cpu"), workdir=tmp_path / "work", num_classes=3,
@@ -286,7 +286,7 @@ def test_fine_pruning_prunes_least_active_channels_and_fine_tunes_a_copy(tmp_pat
     assert int((mask == 0).sum()) == 4 and int((mask == 1).sum()) == channels - 4
     # the zeroed channels are the four least active ones of the victim on the clean split
     with torch.no_grad():
-        x = to_float(images_to_tensor(ctx.clean_images))
+        x = to_float(images_to_tensor(ctx.reserve_images))
         activation = ctx.victim.body((x - ctx.victim.mean) / ctx.victim.std).mean(dim=(0, 2, 3))
     assert activation[mask == 0].max() <= activation[mask == 1].min() + 1e-6
     with torch.no_grad():

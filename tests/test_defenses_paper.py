@@ -58,7 +58,7 @@ def tiny_context(tmp_path, victim=None, n: int = 120, size: int = 8, screen=None
     clean_images, clean_labels = colour_images(n, size, seed=1)
     model_spec = TINY_TRAINING["model"]
     return DefenseContext(
-        train_images=images, train_labels=labels, clean_images=clean_images, clean_labels=clean_labels,
+        train_images=images, train_labels=labels, reserve_images=clean_images, reserve_labels=clean_labels,
         training=TINY_TRAINING, build_model=lambda: build_model(model_spec, num_classes=3, image_size=size),
         victim=victim, seed=0, device=torch.device("cpu"), workdir=tmp_path / "work", num_classes=3,
         screen_images=screen)
@@ -112,7 +112,7 @@ def screening_inputs(size: int = 16, count: int = 60, seed: int = 3) -> tuple[np
 def detector_context(tmp_path, screen: np.ndarray) -> DefenseContext:
     clean_images, clean_labels = colour_images(90, 16, noise=15.0, seed=11)
     return DefenseContext(
-        train_images=clean_images, train_labels=clean_labels, clean_images=clean_images, clean_labels=clean_labels,
+        train_images=clean_images, train_labels=clean_labels, reserve_images=clean_images, reserve_labels=clean_labels,
         training=TINY_TRAINING, build_model=bright_patch_victim, victim=bright_patch_victim(), seed=0,
         device=torch.device("cpu"), workdir=tmp_path / "work", num_classes=3, screen_images=screen)
 
@@ -206,7 +206,7 @@ def test_nad_distils_a_copy_and_leaves_the_victim_untouched(tmp_path):
 def test_nad_attention_term_pulls_the_student_towards_the_teacher(tmp_path):
     ctx = tiny_context(tmp_path)
     ctx.victim = trained_victim(ctx)
-    images, labels = ctx.clean_images, ctx.clean_labels
+    images, labels = ctx.reserve_images, ctx.reserve_labels
     # a teacher trained independently, so that its attention differs clearly from the victim's
     teacher = train_model(build_model(TINY_TRAINING["model"], 3, 8, seed=5), images, labels, TINY_TRAINING,
                           seed=5).model
@@ -278,7 +278,7 @@ def test_shrinkpad_wraps_the_victim(tmp_path):
     result = DEFENSES.get("shrinkpad").run({"kind": "shrinkpad", "size": 2}, ctx)
     assert isinstance(result.model, Preprocessed) and result.model.classifier is ctx.victim
     assert result.input_scores is None and result.kept is None and result.metrics == {"shrink_pixels": 2}
-    x = floats(ctx.clean_images[:5])
+    x = floats(ctx.reserve_images[:5])
     generator = torch.Generator().manual_seed(0)  # the offsets the defended model will draw
     top, left = torch.randint(0, 3, (5,), generator=generator), torch.randint(0, 3, (5,), generator=generator)
     with torch.no_grad():
@@ -332,7 +332,7 @@ def test_autoencoder_defense_puts_the_trained_autoencoder_before_the_victim(tmp_
     assert isinstance(result.model, Preprocessed) and result.model.classifier is ctx.victim
     assert result.input_scores is None and result.metrics["clean_samples"] == 60
     assert result.metrics["reconstruction_bce"] < result.metrics["first_epoch_bce"]
-    x = floats(ctx.clean_images[:4])
+    x = floats(ctx.reserve_images[:4])
     with torch.no_grad():
         torch.testing.assert_close(result.model(x), ctx.victim(result.model.preprocess(x)))
         assert not torch.allclose(result.model.preprocess(x), x)
@@ -407,7 +407,7 @@ def test_strip_returns_the_victim_and_fits_its_threshold_on_clean_data_only(tmp_
     only_triggered = strip.run(STRIP_SPEC, detector_context(tmp_path, screen[truth]))
     assert only_triggered.metrics["threshold"] == mixed.metrics["threshold"]
     # the threshold is the 1% quantile of the clean split's own entropies (empirical, or of a fitted normal)
-    pool = ctx.clean_images
+    pool = ctx.reserve_images
     rng = np.random.default_rng([0, 5])
     own = background_indices(len(pool), 16, np.arange(len(pool)), rng, len(pool))
     clean_entropy = strip.strip_entropy(ctx.victim, pool, pool, own, 0.5, 0.5)

@@ -291,3 +291,69 @@ def test_every_augmentation_is_seeded_and_resumes_to_the_same_weights(tmp_path, 
     assert len(resumed.epoch_seconds) == 1  # only epoch 4 ran again
     assert same_weights(a.model, resumed.model)
     assert np.array_equal(a.correct, resumed.correct) and np.array_equal(a.loss, resumed.loss)
+
+
+# -- hooks and history ----------------------------------------------------------------------
+
+import csv  # noqa: E402
+
+
+def test_history_csv_has_one_row_per_epoch_with_the_loss_the_loop_computed(tmp_path):
+    images, labels = data()
+    batch_sums: dict[int, list] = {}
+    rows_seen = []
+
+    def on_batch(end):
+        batch_sums.setdefault(end.epoch, []).append(end.output.loss.detach().sum())
+
+    result = train_model(fresh(), images, labels, TRAINING, seed=3, history=tmp_path / "history.csv",
+                         on_batch=on_batch, on_epoch=lambda end: rows_seen.append(end.row))
+    with open(tmp_path / "history.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["epoch", "loss", "accuracy", "lr", "seconds"]
+    assert [int(row["epoch"]) for row in rows] == [1, 2, 3, 4]
+    assert [len(sums) for sums in batch_sums.values()] == [3, 3, 3, 3]  # 96 samples in batches of 32
+    written = [float(row["loss"]) for row in rows]
+    assert written == [row["loss"] for row in result.history] == [row["loss"] for row in rows_seen]  # exact
+    for epoch, row in enumerate(rows):  # the mean of the per-sample losses the steps descended on
+        assert float(row["loss"]) == pytest.approx(float(sum(batch_sums[epoch])) / 96, rel=1e-6)
+        assert 0 <= float(row["accuracy"]) <= 1 and float(row["seconds"]) > 0
+    assert float(rows[0]["lr"]) == 0.05 and float(rows[-1]["lr"]) < 0.05  # the rate each epoch began with (cosine)
+    assert float(rows[-1]["accuracy"]) > 0.9
+
+
+def test_a_subset_trains_exactly_like_the_sliced_arrays():
+    images, labels = data()
+    keep = np.arange(96) % 4 != 1
+    sliced = train_model(fresh(), images[keep], labels[keep], TRAINING, seed=2)
+    subset = train_model(fresh(), images, labels, TRAINING, seed=2, subset=keep)
+    assert same_weights(sliced.model, subset.model)
+    assert [row["loss"] for row in sliced.history] == [row["loss"] for row in subset.history]
+
+
+def test_unit_weights_change_nothing_and_zero_weights_mute_samples():
+    images, labels = data()
+    plain = train_model(fresh(), images, labels, TRAINING, seed=2)
+    ones = train_model(fresh(), images, labels, TRAINING, seed=2, weights=np.ones(96))
+    assert same_weights(plain.model, ones.model)
+    zeros = train_model(fresh(), images, labels, {**TRAINING, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.0}},
+                        seed=2, weights=np.zeros(96))
+    untouched = dict(fresh().named_parameters())  # no gradient at all: the parameters never move
+    assert all(torch.equal(p, untouched[name]) for name, p in zeros.model.named_parameters())
+    assert all(row["loss"] == 0.0 for row in zeros.history)
+
+
+def test_an_objective_without_logits_has_no_accuracy(tmp_path):
+    images, labels = data()
+
+    def output_energy(net, batch, ctx):
+        with ctx.autocast():
+            return trainer.StepOutput(net(batch.images).float().pow(2).mean(1))
+
+    energy = trainer.Objective(output_energy, "energy")
+    result = train_model(fresh(), images, labels, {**TRAINING, "epochs": 2}, seed=0, objective=energy,
+                         history=tmp_path / "h.csv")
+    assert [row["accuracy"] for row in result.history] == [None, None]
+    assert (tmp_path / "h.csv").read_text().splitlines()[1].split(",")[2] == ""
+    with pytest.raises(ValueError, match="record_dynamics"):
+        train_model(fresh(), images, labels, {**TRAINING, "epochs": 1}, seed=0, objective=energy, record_dynamics=True)

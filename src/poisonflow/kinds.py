@@ -10,7 +10,9 @@ The fragment is the one place of the kind's keys, types, ranges, defaults and de
     required: [...]             # optional, likewise allOf
     include: [downloadKeys]     # optional: further key groups of the base schema's $defs
     capabilities: [poison]      # optional, declared behaviour the stages read (see CAPABILITIES)
-    checks: {...}               # optional, declared checks against the dataset (see poisonflow.config)
+    checks: {...}               # optional: declared checks (patch: fits the images; reserve: needs
+                                #   clean data; linf / changed_pixels: bounds the contract test asserts)
+    tiny: {...}                 # optional: overrides for a seconds-long run on a tiny input (tests)
 
 The registries are found by reading the fragments of the kind folders (:data:`FOLDERS`); no kind
 module, and so neither numpy nor torch, is imported: the workflow is parsed on every run. The base
@@ -71,7 +73,8 @@ ROLES = {
 }
 # Keys the config adds to an entry when it resolves it (the named surrogate's own entry).
 RESOLVED_KEYS = ("surrogate_entry",)
-FRAGMENT_KEYS = {"kind", "role", "summary", "properties", "required", "allOf", "include", "capabilities", "checks"}
+FRAGMENT_KEYS = {"kind", "role", "summary", "properties", "required", "allOf", "include", "capabilities", "checks",
+                 "tiny"}
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class Fragment:
     include: tuple = ()
     capabilities: frozenset = frozenset()
     checks: dict = field(default_factory=dict)
+    tiny: dict = field(default_factory=dict)
 
     def block(self, definitions: dict) -> dict:
         """The JSON Schema of an entry of this kind: the role's common keys, included groups, own keys."""
@@ -133,7 +137,7 @@ def read_fragment(path: Path) -> Fragment:
         kind=data["kind"], role=ROLES[data["role"]], module=module, path=path, summary=" ".join(data["summary"].split()),
         properties=data.get("properties") or {}, required=tuple(data.get("required") or ()),
         all_of=tuple(data.get("allOf") or ()), include=tuple(data.get("include") or ()),
-        capabilities=capabilities, checks=data.get("checks") or {},
+        capabilities=capabilities, checks=data.get("checks") or {}, tiny=data.get("tiny") or {},
     )
 
 
@@ -246,11 +250,12 @@ def error_message(error: jsonschema.ValidationError, prefix: str = "") -> str:
     return f"{key_of(error.absolute_path, prefix)}: {error.message}"
 
 
-def fill_and_check(instance: Any, schema: dict, prefix: str = "", strict: bool = True) -> Any:
+def fill_and_check(instance: Any, schema: dict, prefix: str = "", strict: bool = True,
+                   ignore: frozenset = frozenset()) -> Any:
     """A copy of ``instance`` with the schema's defaults filled, or a ConfigError naming the key
-    (``strict=False``: defaults only, errors ignored)."""
+    (``strict=False``: defaults only, errors ignored; ``ignore``: validators whose errors pass)."""
     instance = copy.deepcopy(instance)
-    errors = sorted(DefaultFillingValidator(schema).iter_errors(instance),
+    errors = sorted((e for e in DefaultFillingValidator(schema).iter_errors(instance) if e.validator not in ignore),
                     key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
     if errors and strict:
         raise ConfigError(error_message(errors[0], prefix))
@@ -279,9 +284,9 @@ def settings_for(module: str, spec: dict | None, key: str | None = None) -> dict
     entry = dict(spec or {})
     resolved = {name: entry.pop(name) for name in RESOLVED_KEYS if name in entry}
     entry.setdefault(fragment.role.discriminator, fragment.kind)
-    schema = {name: value for name, value in kind_schema(module).items() if name != "required"}
     # required keys name other config entries (a surrogate): the config's concern, not the module's
-    return {**fill_and_check(entry, schema, key or fragment.kind), **resolved}
+    return {**fill_and_check(entry, kind_schema(module), key or fragment.kind, ignore=frozenset({"required"})),
+            **resolved}
 
 
 def defaults_of(module: str) -> dict:

@@ -339,7 +339,7 @@ HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "lr", "seconds")
 
 
 def selected_indices(subset, n: int) -> np.ndarray:
-    """A bool mask over the n samples or an index array → sorted-as-given int64 indices."""
+    """A bool mask over the n samples, or sample indices → int64 indices (in the order given)."""
     subset = np.asarray(subset)
     indices = np.flatnonzero(subset) if subset.dtype == bool else subset.astype(np.int64)
     if subset.dtype == bool and len(subset) != n:
