@@ -175,3 +175,74 @@ def test_source_loads_a_tiny_set_or_names_its_missing_root(fragment, tmp_path):
     np.testing.assert_array_equal(first.train_images, second.train_images)
     described = module.describe(spec)
     assert described["train_counts"] == np.bincount(first.train_labels, minlength=len(first.classes)).tolist()
+
+
+def test_generated_kind_docs_are_up_to_date():
+    from pathlib import Path
+
+    from poisonflow import kinddocs
+
+    assert kinddocs.main(["--check", "--root", str(Path(__file__).resolve().parents[1])]) == 0, \
+        "docs/kinds.md or README.md's kinds table is stale: run python -m poisonflow.kinddocs"
+
+
+NEW_KIND_MODULE = '''
+import torch
+from ..kinds import settings_for
+
+
+class Shift:
+    def __init__(self, amount):
+        self.amount = amount
+
+    def apply(self, x):
+        return (x + self.amount).clamp(0, 1)
+
+
+def build(spec, image_size, seed, context=None):
+    return Shift(settings_for(__name__, spec)["trigger"]["amount"])
+'''
+NEW_KIND_FRAGMENT = '''
+kind: shift
+role: backdoor
+summary: every pixel raised by a constant
+properties:
+  trigger:
+    type: object
+    additionalProperties: false
+    default: {}
+    properties:
+      amount: {type: number, exclusiveMinimum: 0, maximum: 1, default: 0.25}
+'''
+NEW_KIND_SCRIPT = '''
+import torch
+from poisonflow import config
+from poisonflow.attacks import ATTACKS
+raw = {"datasets": {"d": {"source": "digits"}}, "models": {"m": {"arch": "convnet"}},
+       "trainings": {"t": {"model": "m"}}, "attacks": {"a": {"kind": "shift"}}, "defenses": {"n": {"kind": "none"}},
+       "experiments": [{"dataset": ["d"], "attack": ["a"], "training": ["t"], "defense": ["n"], "seed": [0]}]}
+entry = config.load(raw).attack("a")
+print(entry["trigger"]["amount"], float(ATTACKS.get("shift").build(entry, 4, 0).apply(torch.zeros(1, 3, 4, 4)).max()))
+try:
+    config.load({**raw, "attacks": {"a": {"kind": "shift", "trigger": {"amount": 2}}}})
+except Exception as error:
+    print(error)
+'''
+
+
+def test_a_new_kind_is_two_files(tmp_path):
+    """A copy of the package plus a module and its fragment: the kind is registered, validated with
+    its defaults and built, with no other file touched."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    package = Path(kinds.__file__).resolve().parent
+    shutil.copytree(package, tmp_path / "poisonflow", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "poisonflow" / "attacks" / "shift.py").write_text(NEW_KIND_MODULE)
+    (tmp_path / "poisonflow" / "attacks" / "shift.yaml").write_text(NEW_KIND_FRAGMENT)
+    result = subprocess.run([sys.executable, "-c", NEW_KIND_SCRIPT], capture_output=True, text=True, cwd=tmp_path,
+                            env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["0.25 0.25", "attacks.a.trigger.amount: 2 is greater than the maximum of 1"]
