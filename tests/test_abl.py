@@ -16,7 +16,6 @@ from poisonflow.defenses import DEFENSES, DefenseContext, abl, merge
 from poisonflow.errors import ConfigError
 from poisonflow.models import build_model
 from poisonflow.trainer import images_to_tensor, to_float, train_model
-from workflow_utils import REPO
 
 torch.set_num_threads(1)
 
@@ -270,13 +269,13 @@ def test_abl_resumes_from_its_checkpoints_with_identical_weights(tmp_path, monke
 
 def test_resolve_spec_rejects_bad_keys_naming_them():
     with pytest.raises(ConfigError, match="abl.isolation_rate"):
-        abl.resolve_spec({"kind": "abl", "isolation_rate": 0.1})
+        settings_for(abl.__name__, {"kind": "abl", "isolation_rate": 0.1})
     with pytest.raises(ConfigError, match="abl.isolation_ratio"):
-        abl.resolve_spec({"isolation_ratio": 1.0})
+        settings_for(abl.__name__, {"isolation_ratio": 1.0})
     with pytest.raises(ConfigError, match="abl.lga"):
-        abl.resolve_spec({"lga": "mean"})
+        settings_for(abl.__name__, {"lga": "mean"})
     with pytest.raises(ConfigError, match="abl.unlearning.adversarial"):
-        abl.resolve_spec({"unlearning": {"adversarial": {"eps": 0.03, "step": 0.01, "steps": 2}}})
+        settings_for(abl.__name__, {"unlearning": {"adversarial": {"eps": 0.03, "step": 0.01, "steps": 2}}})
 
 
 def test_defaults_follow_the_paper():
@@ -299,7 +298,7 @@ def test_schema_defaults_equal_the_module_defaults():
         "experiments": [{"dataset": ["digits"], "attack": ["a"], "training": ["t"], "defense": ["x"], "seed": [0]}],
     }
     spec = config.load(copy.deepcopy(raw)).defense("x")
-    assert {key: value for key, value in spec.items() if key != "kind"} == defaults_of(abl.__name__)
+    assert spec == defaults_of(abl.__name__)
     raw["defenses"]["x"]["isolation"] = {"adversarial": {"eps": 0.03, "step": 0.01, "steps": 2}}
     with pytest.raises(ConfigError, match="defenses.x.isolation.adversarial"):
         config.load(raw)

@@ -8,7 +8,7 @@ import pytest
 
 from poisonflow import config
 from poisonflow.errors import ConfigError, PoisonflowError
-from workflow_utils import REPO, snakemake, write_config
+from workflow_utils import snakemake, write_config
 
 BASE = {
     "datasets": {"digits": {"source": "digits"}},

@@ -37,7 +37,6 @@ from poisonflow.data.streaming import SplitStream, DatasetStream
 from poisonflow.errors import ConfigError, DataSourceError, StoreError
 from poisonflow.stages import data as data_stage
 from poisonflow.store import StoreWriter, read_store, samples_per_chunk, write_store
-from workflow_utils import REPO
 
 
 

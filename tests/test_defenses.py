@@ -217,7 +217,7 @@ def test_aabl_runs_end_to_end_and_resumes_from_its_checkpoints(tmp_path):
     assert logits.shape == (4, 3)
 
     # stage 1 trained with Adam on all samples, stage 3 adversarially on the kept ones only
-    resolved = aabl.resolve_spec(AABL_SPEC)
+    resolved = settings_for(aabl.__name__, AABL_SPEC)
     stage1 = torch.load(ctx.workdir / "stage1.pt", weights_only=True)
     stage3 = torch.load(ctx.workdir / "stage3.pt", weights_only=True)
     stage1_training = merge(TINY_TRAINING, resolved["stage1"])
@@ -240,11 +240,11 @@ def test_aabl_runs_end_to_end_and_resumes_from_its_checkpoints(tmp_path):
 
 def test_aabl_rejects_unknown_keys(tmp_path):
     with pytest.raises(ConfigError, match="aabl.split.epsilon"):
-        aabl.resolve_spec({"kind": "aabl", "split": {"epsilon": 0.1}})
+        settings_for(aabl.__name__, {"kind": "aabl", "split": {"epsilon": 0.1}})
     with pytest.raises(ConfigError, match="aabl.split.attack_loss"):
-        aabl.resolve_spec({"split": {"attack_loss": "mse"}})
+        settings_for(aabl.__name__, {"split": {"attack_loss": "mse"}})
     with pytest.raises(ConfigError, match="aabl.stage2"):
-        aabl.resolve_spec({"stage2": {}})
+        settings_for(aabl.__name__, {"stage2": {}})
 
 
 def test_aabl_defaults_follow_the_paper():
@@ -308,4 +308,4 @@ def test_fine_pruning_uses_the_clean_fraction_and_needs_a_victim(tmp_path):
     result = fine_pruning.run({"clean_fraction": 0.25, "ratio": 0.5, "finetune": {"epochs": 1}}, ctx)
     assert result.metrics == {"pruned_channels": 8, "clean_samples": 30}
     with pytest.raises(ConfigError, match="fine-pruning.ratio"):
-        fine_pruning.resolve_spec({"ratio": 1.0})
+        settings_for(fine_pruning.__name__, {"ratio": 1.0})

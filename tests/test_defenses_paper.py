@@ -22,7 +22,7 @@ from poisonflow.defenses.screening import background_indices, fitted_threshold
 from poisonflow.errors import ConfigError
 from poisonflow.models import Classifier, build_model
 from poisonflow.trainer import images_to_tensor, to_float, train_model
-from workflow_utils import REPO, snakemake, write_config
+from workflow_utils import snakemake, write_config
 
 torch.set_num_threads(1)
 
@@ -210,7 +210,7 @@ def test_nad_attention_term_pulls_the_student_towards_the_teacher(tmp_path):
     # a teacher trained independently, so that its attention differs clearly from the victim's
     teacher = train_model(build_model(TINY_TRAINING["model"], 3, 8, seed=5), images, labels, TINY_TRAINING,
                           seed=5).model
-    resolved = nad.resolve_spec({**NAD_SPEC, "student": {"epochs": 3}})
+    resolved = settings_for(nad.__name__, {**NAD_SPEC, "student": {"epochs": 3}})
 
     def at_gap(model):
         x = floats(images)
@@ -230,11 +230,11 @@ def test_nad_attention_term_pulls_the_student_towards_the_teacher(tmp_path):
 
 def test_nad_rejects_bad_keys():
     with pytest.raises(ConfigError, match="nad.at_distance"):
-        nad.resolve_spec({"at_distance": "cosine"})
+        settings_for(nad.__name__, {"at_distance": "cosine"})
     with pytest.raises(ConfigError, match="nad.stages"):
-        nad.resolve_spec({"stages": 0})
+        settings_for(nad.__name__, {"stages": 0})
     with pytest.raises(ConfigError, match="nad.betas"):
-        nad.resolve_spec({"betas": [1]})
+        settings_for(nad.__name__, {"betas": [1]})
 
 
 # --- ShrinkPad ------------------------------------------------------------------------------------
@@ -512,12 +512,11 @@ def load_config(defenses: dict):
     return config.load(raw)
 
 
-def test_schema_defaults_equal_the_modules_defaults():
+def test_config_entries_resolve_to_the_fragment_defaults():
     cfg = load_config({kind: {"kind": kind} for kind in MODULES})
     for kind, module in MODULES.items():
-        resolved = {key: value for key, value in cfg.defense(kind).items() if key != "kind"}
-        assert resolved == defaults_of(module.__name__), kind
-        assert module.resolve_spec(cfg.defense(kind)) == defaults_of(module.__name__)
+        assert cfg.defense(kind) == defaults_of(module.__name__), kind
+        assert settings_for(module.__name__, cfg.defense(kind)) == defaults_of(module.__name__)
 
 
 @pytest.mark.parametrize("kind, change, message", [

@@ -17,7 +17,7 @@ from poisonflow.models import build_model
 from poisonflow.stages.poison import poison
 from poisonflow.store import read_store
 from poisonflow.trainer import images_to_tensor, to_float, train_model
-from workflow_utils import REPO, snakemake, write_config
+from workflow_utils import snakemake, write_config
 
 SIZE = 8
 CHECKERBOARD_3 = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])

@@ -131,7 +131,6 @@ def largest_difference(a, b) -> float:
 
 def test_defaults_equal_the_schema_defaults():
     from poisonflow import config
-    from workflow_utils import REPO
 
     raw = {"datasets": {"digits": {"source": "digits"}}, "models": {"m": {"arch": "convnet", "width": 4}},
            "trainings": {"t": {"model": "m"}}, "attacks": {"a": {"kind": "badnets"}},

@@ -23,7 +23,7 @@ from poisonflow.stages import poison
 from poisonflow.store import read_store, write_store
 from poisonflow.trainer import images_to_tensor, save_weights, to_float
 from poisonflow.unlearnable import triggerue
-from workflow_utils import REPO, environment
+from workflow_utils import environment
 
 torch.set_num_threads(1)
 

@@ -23,7 +23,6 @@ from poisonflow.store import read_store, write_store
 from poisonflow.unlearnable import ar, em, entf, lsp, ops, rem, tap
 from poisonflow.unlearnable.common import (build_surrogate, images_to_float, project_linf,
                                            scale_to_l2, sgd, sign_gradient_steps, train_step)
-from workflow_utils import REPO
 
 KINDS = ["em", "tap", "rem", "entf", "lsp", "ops", "ar"]
 N, SIZE, K = 60, 8, 3

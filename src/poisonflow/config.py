@@ -13,7 +13,6 @@ import copy
 import itertools
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 

@@ -57,7 +57,10 @@ def rows(properties: dict, definitions: dict, prefix: str = "") -> list[tuple[st
         out.append((key, show_type(schema), default, description))
         nested = dict(definitions[schema["$ref"].rsplit("/", 1)[-1]].get("properties", {})) if "$ref" in schema else {}
         for child, child_schema in schema.get("properties", {}).items():
-            nested[child] = {**nested.get(child, {}), **child_schema}
+            if child_schema is False:  # a key the kind forbids
+                nested.pop(child, None)
+            elif isinstance(child_schema, dict):
+                nested[child] = {**nested.get(child, {}), **child_schema}
         if nested:
             out.extend(rows(nested, definitions, key + "."))
     return out

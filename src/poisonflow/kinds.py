@@ -25,7 +25,6 @@ fragment's defaults and checks the ranges with the same schema the config is val
 from __future__ import annotations
 
 import copy
-import importlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -221,14 +220,28 @@ def _extend_with_defaults(validator_class):
     def properties_with_defaults(validator, properties, instance, schema):
         if isinstance(instance, dict):
             for name, subschema in properties.items():
-                if isinstance(subschema, dict) and "default" in subschema and name not in instance:
+                if not isinstance(subschema, dict) or "default" not in subschema:
+                    continue
+                if name not in instance:
                     instance[name] = copy.deepcopy(subschema["default"])
+                elif isinstance(subschema["default"], dict) and isinstance(instance[name], dict):
+                    merge_missing(instance[name], subschema["default"])  # a partial override keeps the rest
         yield from set_properties(validator, properties, instance, schema)
 
     return jsonschema.validators.extend(validator_class, {"properties": properties_with_defaults})
 
 
 DefaultFillingValidator = _extend_with_defaults(jsonschema.Draft202012Validator)
+
+
+def merge_missing(target: dict, default: dict) -> None:
+    """Fill ``target``'s missing keys from ``default``, nested mappings key by key: an entry that
+    gives ``optimizer: {lr: 0.05}`` keeps the default optimizer's other settings."""
+    for key, value in default.items():
+        if key not in target:
+            target[key] = copy.deepcopy(value)
+        elif isinstance(value, dict) and isinstance(target[key], dict):
+            merge_missing(target[key], value)
 
 
 def key_of(path, prefix: str = "") -> str:

@@ -388,7 +388,7 @@ class LoopState:
     start_epoch: int = 0
 
 
-def resume(saved: dict | None, model, state: LoopState, desc: str) -> None:
+def resume(saved: dict | None, model, state: LoopState, desc: str, where: Path | None = None) -> None:
     """Continue from a checkpoint ``saved`` for this job (None: start from scratch)."""
     if saved is None:
         return
@@ -400,7 +400,7 @@ def resume(saved: dict | None, model, state: LoopState, desc: str) -> None:
     state.start_epoch = int(saved["epoch"])
     state.snapshots = saved["snapshots"]
     state.history = list(saved["history"])
-    print(f"{desc}: resuming after epoch {state.start_epoch}", file=sys.stderr)
+    print(f"{desc}: resuming from {where} after epoch {state.start_epoch}", file=sys.stderr)
     if state.correct is not None:
         state.correct[:state.start_epoch] = saved["correct"][:state.start_epoch].numpy()
         state.losses[:state.start_epoch] = saved["loss"][:state.start_epoch].numpy()
@@ -563,7 +563,7 @@ def train_model(
         losses=np.zeros((epochs, n), dtype=np.float32) if record_dynamics else None,
     )
     store = checkpoints.Checkpoint(Path(checkpoint) if checkpoint else None, digest)
-    resume(store.load(), model, state, desc)
+    resume(store.load(), model, state, desc, store.path)
     ctx = StepContext(settings, runtime, generator, device)
 
     epoch_seconds = []

@@ -15,6 +15,8 @@ from .base import DatasetArrays
 from .cifar import NATIVE_SIZE, CifarVariant, describe_variant, locate_variant, stream_variant
 from .streaming import DatasetStream, materialize
 
+__all__ = ["NATIVE_SIZE", "describe", "load", "stream"]
+
 BASE_FOLDER = "cifar-100-python"
 ARCHIVE_NAME = "cifar-100-python.tar.gz"
 LAYOUT_FILES = ["train", "test", "meta"]

@@ -37,7 +37,7 @@ from ..kinds import settings_for
 from ..errors import ConfigError, DataSourceError
 from .archives import extract, fetch
 from .base import DatasetArrays, stratified_indices, subset_counts
-from .sourcing import cache_dir, image_size, one_line, resize_mode
+from .sourcing import cache_dir, one_line
 from .streaming import DatasetStream, SplitStream, materialize
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp", ".tif", ".tiff")

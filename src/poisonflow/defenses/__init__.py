@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from ..kinds import DEFENSES
+from ..kinds import DEFENSES  # noqa: F401  (the registry, re-exported)
 
 if TYPE_CHECKING:  # the registry is read when the workflow is parsed: keep numpy/torch out of it
     import numpy as np

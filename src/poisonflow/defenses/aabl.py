@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 from .. import checkpoint as checkpoints
 from .. import fingerprint
 from ..adversarial import ifgsm
-from ..errors import ConfigError
 from ..kinds import settings_for
 from ..losses import symmetric_cross_entropy
 from ..thresholds import otsu_threshold

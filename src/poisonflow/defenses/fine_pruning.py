@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError
 from ..kinds import settings_for
 from ..trainer import images_to_tensor, to_float, train_model
 from . import DefenseContext, DefenseResult, merge

@@ -14,7 +14,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..errors import ConfigError
 
 # How a threshold at quantile q of the clean split's scores is fitted: the empirical quantile, or
 # the quantile of a normal distribution fitted to the scores (STRIP's choice for its entropies).

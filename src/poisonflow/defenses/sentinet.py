@@ -37,7 +37,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
 from ..kinds import settings_for
 from ..trainer import images_to_tensor, to_float
 from . import DefenseContext, DefenseResult

@@ -26,7 +26,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import ConfigError
 from ..kinds import settings_for
 from ..trainer import images_to_tensor, to_float
 from . import DefenseContext, DefenseResult

@@ -21,7 +21,6 @@ the same perturbations on every device.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Callable, Iterator
 

@@ -55,7 +55,6 @@ Keys (defaults in ``triggerue.yaml`` beside this module; ``rate`` and ``surrogat
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Callable
 
