@@ -30,6 +30,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from .errors import ConfigError
+from .kinds import definition_defaults
 
 NEAREST = v2.InterpolationMode.NEAREST
 
@@ -383,21 +384,12 @@ MIXING_AUGMENTATIONS: dict[str, Callable] = {
     "mixup": lambda x, y, g, s: mixup(x, y, float(s["mixup_alpha"]), g),
 }
 
-# The keys each augmentation reads, with their defaults (equal to the schema's).
-DEFAULTS: dict = {
-    "crop_padding": 4,
-    "rrc_scale": [0.08, 1.0],
-    "rrc_ratio": [0.75, 1.3333333333333333],
-    "cutout_size": 16,
-    "cutout_fill": 0.5,
-    "randaugment_ops": 2,
-    "randaugment_magnitude": 9,
-    "randaugment_bins": 31,
-    "autoaugment_policy": "cifar10",
-    "cutmix_alpha": 1.0,
-    "mixup_alpha": 1.0,
-    "mix_prob": 1.0,
-}
+# The keys each augmentation reads, with their defaults: the schema's ``$defs/training`` (one place).
+AUGMENT_KEYS = ("crop_padding", "rrc_scale", "rrc_ratio", "cutout_size", "cutout_fill", "randaugment_ops",
+                "randaugment_magnitude", "randaugment_bins", "autoaugment_policy", "cutmix_alpha", "mixup_alpha",
+                "mix_prob")
+DEFAULTS: dict = {key: value for key, value in definition_defaults("training", {"model": "-"}).items()
+                  if key in AUGMENT_KEYS}
 
 
 def check_settings(names: list[str], settings: dict) -> None:

@@ -314,3 +314,10 @@ def definition_settings(name: str, value: dict | None, key: str) -> dict:
     building blocks that several kinds configure the same way, e.g. ``clipModel``)."""
     definitions = config_schema()["$defs"]
     return fill_and_check(dict(value or {}), {"$defs": definitions, **definitions[name]}, key)
+
+
+def definition_defaults(name: str, placeholders: dict | None = None) -> dict:
+    """The defaults of the base schema's ``$defs/name`` (``placeholders`` fill its required keys
+    and are removed again): building blocks such as the trainer read their defaults from here."""
+    filled = definition_settings(name, placeholders, name)
+    return {key: value for key, value in filled.items() if key not in (placeholders or {})}

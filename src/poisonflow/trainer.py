@@ -39,23 +39,11 @@ from . import checkpoint as checkpoints
 from . import fingerprint
 from .adversarial import pgd
 from .errors import ConfigError
+from .kinds import definition_defaults
 
-# The keys of a ``trainings:`` entry this module reads, with their defaults (equal to the schema's).
-DEFAULTS: dict = {
-    "epochs": 20,
-    "batch_size": 128,
-    "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0005, "nesterov": False},
-    "schedule": {"name": "cosine", "milestones": [], "gamma": 0.1, "pct_start": 0.3, "div_factor": 25.0,
-                 "final_div_factor": 10000.0, "anneal": "cos"},
-    "augment": ["crop", "flip"],
-    **augment.DEFAULTS,
-    "label_smoothing": 0.0,
-    "amp": "auto",
-    "channels_last": "auto",
-    "compile": "auto",
-    "data_on_device": "auto",
-    "adversarial": None,
-}
+# The keys of a ``trainings:`` entry this module reads, with their defaults: the schema's
+# ``$defs/training`` (one place), so code that calls the trainer directly gets the config's defaults.
+DEFAULTS: dict = definition_defaults("training", {"model": "-"})
 
 # Streamed data move this many images per host→device copy (rounded down to whole batches).
 STREAM_CHUNK_IMAGES = 16384

@@ -182,7 +182,7 @@ def test_generated_kind_docs_are_up_to_date():
 
     from poisonflow import kinddocs
 
-    assert kinddocs.main(["--check", "--root", str(Path(__file__).resolve().parents[1])]) == 0, \
+    assert kinddocs.main(["--check", "--root", str(Path(__file__).resolve().parents[2])]) == 0, \
         "docs/kinds.md or README.md's kinds table is stale: run python -m poisonflow.kinddocs"
 
 
