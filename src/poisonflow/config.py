@@ -21,6 +21,7 @@ import yaml
 from . import kinds
 from .errors import ConfigError
 from .geometry import patch_position
+from .targets import ALL_TO_ALL, poison_budget  # noqa: F401  (poison_budget: re-exported)
 
 
 def validate(config: dict) -> dict:
@@ -60,8 +61,17 @@ class Config:
         entry["training"] = self.training(entry["training"])
         return entry
 
+    def generator(self, name: str) -> dict:
+        """A generators entry with its ``surrogate`` entry resolved inline (if it names one)."""
+        entry = copy.deepcopy(self.data["generators"][name])
+        if "surrogate" in entry:
+            entry["surrogate_entry"] = self.surrogate(entry["surrogate"])
+        return entry
+
     def attack(self, name: str) -> dict:
         entry = copy.deepcopy(self.data["attacks"][name])
+        if "generator" in entry:
+            entry["generator_entry"] = self.generator(entry["generator"])
         if "surrogate" in entry:
             entry["surrogate_entry"] = self.surrogate(entry["surrogate"])
         return entry
@@ -121,7 +131,19 @@ class Config:
             kinds.ATTACK_KINDS.target(entry["kind"], key=f"attacks.{name}.kind")
         for name, entry in self.data["defenses"].items():
             kinds.DEFENSES.target(entry["kind"], key=f"defenses.{name}.kind")
+        for name, entry in self.data["generators"].items():
+            fragment = kinds.ATTACKS.fragment(entry["kind"], key=f"generators.{name}.kind")
+            if not fragment.generator:
+                raise ConfigError(f"generators.{name}.kind: attack kind '{entry['kind']}' trains no generator "
+                                  f"(kinds that do: {', '.join(sorted(f.kind for f in kinds.fragments() if f.generator))})")
+            if "surrogate" in entry:
+                self._check_names("surrogates", [entry["surrogate"]], f"generators.{name}.surrogate")
         for name, entry in self.data["attacks"].items():
+            if "generator" in entry:
+                self._check_names("generators", [entry["generator"]], f"attacks.{name}.generator")
+                if self.data["generators"][entry["generator"]]["kind"] != entry["kind"]:
+                    raise ConfigError(f"attacks.{name}.generator: generators entry '{entry['generator']}' is of kind "
+                                      f"'{self.data['generators'][entry['generator']]['kind']}', not '{entry['kind']}'")
             if "surrogate" in entry:
                 self._check_names("surrogates", [entry["surrogate"]], f"attacks.{name}.surrogate")
             if entry.get("selection", "random") != "random" and "surrogate" not in entry:
@@ -148,7 +170,13 @@ class Config:
 def check_target(entry: dict, fragment: kinds.Fragment, described: dict, key: str, dataset: str) -> None:
     """A backdoor's target class exists in the dataset."""
     classes = len(described["train_counts"])
-    if fragment.role.name == "backdoor" and entry["target"] >= classes:
+    if fragment.role.name != "backdoor":
+        return
+    if entry["target"] == ALL_TO_ALL:
+        if entry["label_mode"] != "dirty":
+            raise ConfigError(f"{key}.target: all-to-all relabels every class, so it needs label_mode dirty")
+        return
+    if entry["target"] >= classes:
         raise ConfigError(f"{key}.target: class {entry['target']} is outside dataset '{dataset}' "
                           f"({classes} classes, 0..{classes - 1})")
 
@@ -204,20 +232,6 @@ def lookup(entry: dict, path: str):
 def reserve_counts(counts: list[int], fraction: float) -> list[int]:
     """Per-class sizes of the reserve: ``fraction`` of each class, rounded half up."""
     return [int(math.floor(fraction * count + 0.5)) for count in counts]
-
-
-def poison_budget(attack: dict, class_counts: list[int]) -> tuple[int, int]:
-    """(eligible samples, samples to poison) for an attack on a training set with these class counts.
-
-    dirty: ``rate`` × the whole training set, drawn from the non-target classes;
-    clean: ``rate`` × the target class, drawn from the target class.
-    """
-    target = attack["target"]
-    total = int(sum(class_counts))
-    if attack["label_mode"] == "clean":
-        eligible = int(class_counts[target])
-        return eligible, int(round(attack["rate"] * eligible))
-    return total - int(class_counts[target]), int(round(attack["rate"] * total))
 
 
 def load(path_or_dict: str | Path | dict) -> Config:

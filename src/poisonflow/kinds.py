@@ -13,6 +13,10 @@ The fragment is the one place of the kind's keys, types, ranges, defaults and de
     checks: {...}               # optional: declared checks (patch: fits the images; reserve: needs
                                 #   clean data; linf / changed_pixels: bounds the contract test asserts)
     tiny: {...}                 # optional: overrides for a seconds-long run on a tiny input (tests)
+    generator:                  # optional (backdoors): the kind's trigger is trained once per
+      summary: ...              #   dataset by the trigger stage, from a ``generators:`` entry of
+      properties: {...}         #   this kind with these keys (``seed`` is added); attack entries
+      required: [...]           #   name it with ``generator:``
 
 The registries are found by reading the fragments of the kind folders (:data:`FOLDERS`); no kind
 module, and so neither numpy nor torch, is imported: the workflow is parsed on every run. The base
@@ -71,9 +75,9 @@ ROLES = {
     "source": Role("source", "dataset source", "datasets", "dataset", "source", "datasetKeys", "Dataset sources"),
 }
 # Keys the config adds to an entry when it resolves it (the named surrogate's own entry).
-RESOLVED_KEYS = ("surrogate_entry",)
+RESOLVED_KEYS = ("surrogate_entry", "generator_entry")
 FRAGMENT_KEYS = {"kind", "role", "summary", "properties", "required", "allOf", "include", "capabilities", "checks",
-                 "tiny"}
+                 "tiny", "generator"}
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,17 @@ class Fragment:
     capabilities: frozenset = frozenset()
     checks: dict = field(default_factory=dict)
     tiny: dict = field(default_factory=dict)
+    generator: dict = field(default_factory=dict)  # the generators-entry fragment, if the kind trains one
+
+    def generator_block(self, definitions: dict) -> dict:
+        """The JSON Schema of a ``generators:`` entry of this kind."""
+        properties = {"kind": True, **copy.deepcopy(definitions["generatorKeys"]["properties"]),
+                      **copy.deepcopy(self.generator.get("properties", {}))}
+        block = {"description": " ".join(str(self.generator.get("summary", self.summary)).split()), "type": "object",
+                 "additionalProperties": False, "properties": properties}
+        if self.generator.get("required"):
+            block["required"] = list(self.generator["required"])
+        return block
 
     def block(self, definitions: dict) -> dict:
         """The JSON Schema of an entry of this kind: the role's common keys, included groups, own keys."""
@@ -137,6 +152,7 @@ def read_fragment(path: Path) -> Fragment:
         properties=data.get("properties") or {}, required=tuple(data.get("required") or ()),
         all_of=tuple(data.get("allOf") or ()), include=tuple(data.get("include") or ()),
         capabilities=capabilities, checks=data.get("checks") or {}, tiny=data.get("tiny") or {},
+        generator=data.get("generator") or {},
     )
 
 
@@ -189,6 +205,19 @@ def base_schema() -> dict:
     return yaml.safe_load(BASE_SCHEMA.read_text())
 
 
+def generator_settings(kind: str, spec: dict | None, key: str | None = None) -> dict:
+    """A ``generators:`` entry of ``kind`` with its fragment's defaults filled and checked."""
+    fragment = ATTACKS.fragment(kind, key=key)
+    if not fragment.generator:
+        raise ConfigError(f"{key or kind}.kind: attack kind '{kind}' trains no generator")
+    definitions = config_schema()["$defs"]
+    entry = {k: v for k, v in dict(spec or {}).items() if k not in RESOLVED_KEYS}
+    entry.setdefault("kind", kind)
+    filled = fill_and_check(entry, {"$defs": definitions, **fragment.generator_block(definitions)}, key or kind,
+                            ignore=frozenset({"required"}))
+    return {**filled, **{k: v for k, v in dict(spec or {}).items() if k in RESOLVED_KEYS}}
+
+
 def kind_list(role_names: tuple[str, ...]) -> str:
     by_role = {name: sorted(f.kind for f in fragments() if f.role.name == name) for name in role_names}
     return "; ".join(f"{ROLES[name].heading.lower()}: {' | '.join(kinds)}" for name, kinds in by_role.items())
@@ -205,6 +234,13 @@ def config_schema() -> dict:
         target["allOf"].append({"if": {"properties": {role.discriminator: {"const": fragment.kind}},
                                        "required": [role.discriminator]},
                                 "then": fragment.block(definitions)})
+    for fragment in fragments():
+        if fragment.generator:
+            definitions["generator"]["allOf"].append({
+                "if": {"properties": {"kind": {"const": fragment.kind}}, "required": ["kind"]},
+                "then": fragment.generator_block(definitions)})
+    definitions["generator"]["properties"]["kind"]["description"] = " | ".join(
+        sorted(f.kind for f in fragments() if f.generator)) or "no kind trains a generator"
     for definition, role_names in (("attack", ("backdoor", "unlearnable")), ("defense", ("defense",)),
                                    ("dataset", ("source",))):
         discriminator = ROLES[role_names[0]].discriminator

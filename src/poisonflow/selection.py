@@ -1,6 +1,7 @@
 """Which training samples an attack poisons.
 
-Candidates are the target class (clean-label) or the other classes (dirty-label); ``random``
+Candidates are the target class (clean-label), the other classes (dirty-label) or every class
+(all-to-all; see :mod:`poisonflow.targets`); ``random``
 draws from them with the experiment's seed, a score name (``loss``, ``gradnorm``,
 ``forgetting``) takes the hardest first (highest score; ties broken by a seeded shuffle so no
 index order leaks into the choice).
@@ -11,10 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import ConfigError
-
-
-def candidates(labels: np.ndarray, target: int, label_mode: str) -> np.ndarray:
-    return np.flatnonzero(labels == target) if label_mode == "clean" else np.flatnonzero(labels != target)
+from .targets import candidates
 
 
 def select_random(pool: np.ndarray, count: int, rng: np.random.Generator, scores=None) -> np.ndarray:
@@ -37,7 +35,7 @@ def select(labels: np.ndarray, attack: dict, count: int, seed: int, scores: dict
     method = attack.get("selection", "random")
     if method not in SELECTIONS:
         raise ConfigError(f"{key}.selection: unknown selection '{method}' (known: {', '.join(sorted(SELECTIONS))})")
-    pool = candidates(labels, attack["target"], attack["label_mode"])
+    pool = candidates(labels, attack)
     if count > len(pool):
         raise ConfigError(f"{key}.rate: asks for {count} samples but only {len(pool)} are eligible")
     metric = None

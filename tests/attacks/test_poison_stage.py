@@ -107,3 +107,34 @@ def test_no_poisoning_kind_releases_the_clean_set():
     np.testing.assert_array_equal(out["train/images"], imgs)
     np.testing.assert_array_equal(out["train/labels"], LABELS)
     assert not out["train/poisoned"].any() and "test/images" not in out
+
+
+def test_all_to_all_relabels_each_class_to_the_next_and_scores_every_test_image():
+    images = np.full((10, 8, 8, 3), 100, dtype=np.uint8)
+    test_labels = np.array([0, 1, 2, 2])
+    a2a = attack(target="all-to-all", rate=0.6)
+    assert poison_budget(a2a, [4, 3, 3]) == (10, 6)
+    arrays = poison(a2a, 0, images, LABELS, np.full((4, 8, 8, 3), 100, np.uint8), test_labels, num_classes=3)
+    poisoned = arrays["train/poisoned"]
+    assert poisoned.sum() == 6 and len(set(LABELS[poisoned])) > 1  # drawn from every class, the target's too
+    np.testing.assert_array_equal(arrays["train/labels"][poisoned], (LABELS[poisoned] + 1) % 3)
+    np.testing.assert_array_equal(arrays["train/labels"][~poisoned], LABELS[~poisoned])
+    np.testing.assert_array_equal(arrays["test/labels"], [1, 2, 0, 0])  # every test image, sent to y + 1
+    np.testing.assert_array_equal(arrays["test/true_labels"], test_labels)
+
+
+def test_all_to_all_is_dirty_label_only():
+    from poisonflow import config
+
+    raw = {"datasets": {"d": {"source": "digits"}}, "models": {"m": {"arch": "convnet"}},
+           "trainings": {"t": {"model": "m"}},
+           "attacks": {"a": {"kind": "badnets", "target": "all-to-all", "label_mode": "clean"}},
+           "defenses": {"n": {"kind": "none"}},
+           "experiments": [{"dataset": ["d"], "attack": ["a"], "training": ["t"], "defense": ["n"], "seed": [0]}]}
+    with pytest.raises(ConfigError, match=r"^attacks\.a\.target: all-to-all relabels every class"):
+        config.load(raw)
+    raw["attacks"]["a"]["label_mode"] = "dirty"
+    assert config.load(raw).attack("a")["target"] == "all-to-all"
+    raw["attacks"]["a"]["target"] = "some"
+    with pytest.raises(ConfigError, match=r"^attacks\.a\.target"):
+        config.load(raw)

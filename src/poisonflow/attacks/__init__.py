@@ -45,6 +45,7 @@ class PoisonContext:
     device: Any = "cpu"
     workdir: Path | None = None  # checkpoints of long generations, kept across a killed job
     extra: dict = field(default_factory=dict)
+    generator: dict | None = None  # the trained trigger of the entry's ``generator:`` (tensors by name)
 
 
 

@@ -18,7 +18,8 @@ import pandas as pd
 import torch
 
 from ..attacks import ATTACKS, UNLEARNABLE, PoisonContext
-from ..config import poison_budget
+from .. import targets
+from ..targets import poison_budget
 from ..errors import ConfigError
 from ..selection import select
 from ..devices import torch_device
@@ -71,9 +72,8 @@ def load_scores(path: str, n: int) -> dict[str, np.ndarray]:
 def poison(attack: dict, seed: int, train_images, train_labels, test_images, test_labels, num_classes: int,
            scores: dict | None = None, key: str = "attack", context: PoisonContext | None = None) -> dict[str, np.ndarray]:
     """The arrays of a poisoned store for a resolved attack entry."""
-    target = attack["target"]
-    if target >= num_classes:
-        raise ConfigError(f"{key}.target: class {target} is outside the dataset's {num_classes} classes")
+    if not targets.all_to_all(attack) and attack["target"] >= num_classes:
+        raise ConfigError(f"{key}.target: class {attack['target']} is outside the dataset's {num_classes} classes")
     _, count = poison_budget(attack, np.bincount(train_labels, minlength=num_classes).tolist())
     chosen = select(train_labels, attack, count, seed, scores, key=key)
     trigger_spec = attack.get("trigger", {})
@@ -89,7 +89,7 @@ def poison(attack: dict, seed: int, train_images, train_labels, test_images, tes
     else:
         images[chosen] = transform(train_images[chosen], trigger.apply)
     if attack["label_mode"] == "dirty":
-        labels[chosen] = target
+        labels[chosen] = targets.relabel(train_labels[chosen], attack, num_classes)
     poisoned = np.zeros(len(labels), dtype=bool)
     poisoned[chosen] = True
 
@@ -103,13 +103,13 @@ def poison(attack: dict, seed: int, train_images, train_labels, test_images, tes
         images[extra] = transform(train_images[extra], lambda x: trigger.noise(x, generator))
         noise_mode[extra] = True
 
-    keep = test_labels != target
+    keep, asr_labels = targets.asr_set(test_labels, attack, num_classes)
     return {
         "train/images": images, "train/labels": labels.astype(np.int64),
         "train/poisoned": poisoned, "train/true_labels": train_labels.astype(np.int64),
         "train/noise_mode": noise_mode,
         "test/images": transform(test_images[keep], trigger.apply),
-        "test/labels": np.full(int(keep.sum()), target, dtype=np.int64),
+        "test/labels": asr_labels,
         "test/true_labels": test_labels[keep].astype(np.int64),
     }
 
