@@ -16,6 +16,7 @@ STAGES = {
     "data": ("poisonflow.stages.data", False, "build the clean dataset store"),
     "surrogate": ("poisonflow.stages.surrogate", True, "train a surrogate on clean data, recording training dynamics"),
     "scores": ("poisonflow.stages.scores", True, "per-sample loss, gradient norm and forgetting events"),
+    "trigger": ("poisonflow.stages.trigger", True, "train a generators entry (a learned trigger) on the clean store"),
     "poison": ("poisonflow.stages.poison", True, "build a poisoned store (backdoor or unlearnable examples)"),
     "protect": ("poisonflow.stages.protect", True, "protect new images (a folder or a store) sample by sample, as the poison stage would"),
     "victim": ("poisonflow.stages.victim", True, "train a model on a poisoned store and evaluate it"),

@@ -19,6 +19,7 @@ wildcard_constraints:
     training="[^/]+",
     defense="[^/]+",
     surrogate="[^/]+",
+    generator="[^/]+",
     seed="[0-9]+",
 
 

@@ -5,6 +5,8 @@ def poison_inputs(w):
         inputs["surrogate"] = f"{RESULTS}/surrogates/{w.dataset}/{attack['surrogate']}/model.pt"
     if attack.get("selection", "random") != "random":
         inputs["scores"] = f"{RESULTS}/scores/{w.dataset}/{attack['surrogate']}.csv"
+    if "generator" in attack:
+        inputs["generator"] = f"{RESULTS}/triggers/{w.dataset}/{attack['generator']}/generator.pt"
     return inputs
 
 
@@ -14,6 +16,8 @@ def poison_options(w, input):
         options.append(f"--scores {input.scores}")
     if "surrogate" in input.keys():
         options.append(f"--surrogate-dir {os.path.dirname(input.surrogate)}")
+    if "generator" in input.keys():
+        options.append(f"--generator-dir {os.path.dirname(input.generator)}")
     return " ".join(options)
 
 

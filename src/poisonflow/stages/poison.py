@@ -27,6 +27,7 @@ from ..models import build_model
 from ..store import read_store, write_store
 from ..trainer import images_to_tensor, load_weights, to_float
 from .common import set_threads
+from .trigger import load_generator
 
 CHUNK = 4096
 
@@ -38,6 +39,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--clean", required=True, help="clean store")
     parser.add_argument("--scores", help="scores CSV of the attack's surrogate (hard-sample selection)")
     parser.add_argument("--surrogate-dir", help="the attack's surrogate (model.pt), for kinds that use a model")
+    parser.add_argument("--generator-dir", help="the attack's trained trigger (generator.pt), for kinds that train one")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", required=True, help="output store path")
 
@@ -153,7 +155,8 @@ def run(args) -> None:
     workdir = Path(args.out).with_name(Path(args.out).name + ".work")
     context = PoisonContext(train_images, train_labels, classes, device=device, workdir=workdir,
                             surrogate=load_surrogate(attack, args.surrogate_dir, len(classes), train_images.shape[1], device),
-                            extra={"key": key})
+                            extra={"key": key},
+                            generator=load_generator(args.generator_dir) if args.generator_dir else None)
     if attack["kind"] in UNLEARNABLE:
         arrays = protect(attack, args.seed, train_images, train_labels, context, key=key)
         summary = f"changed {int(arrays['train/poisoned'].sum())} of {len(train_labels)} training images"
