@@ -50,6 +50,9 @@ CAPABILITIES = {
               "label-consistent perturbation before the trigger; otherwise trigger.apply(x) is used",
     "noise": "its trigger has a noise mode (trigger.noise(x, generator), trigger.noise_ratio): extra "
              "samples modified without the trigger that keep their label (WaNet)",
+    "cover": "a backdoor with cover samples: the stage draws cover_rate of the training set from the samples "
+             "not poisoned, applies the training trigger (poison() or apply()) and keeps their labels "
+             "(train/cover in the store)",
     "per-sample": "an unlearnable-example kind whose module has prepare(spec, context, seed) returning a "
                   "function that protects any chunk of images independently (poisonflow protect)",
 }
@@ -241,6 +244,9 @@ def config_schema() -> dict:
                 "then": fragment.generator_block(definitions)})
     definitions["generator"]["properties"]["kind"]["description"] = " | ".join(
         sorted(f.kind for f in fragments() if f.generator)) or "no kind trains a generator"
+    for definition in definitions.values():  # an empty allOf is not a valid schema
+        if definition.get("allOf") == []:
+            del definition["allOf"]
     for definition, role_names in (("attack", ("backdoor", "unlearnable")), ("defense", ("defense",)),
                                    ("dataset", ("source",))):
         discriminator = ROLES[role_names[0]].discriminator

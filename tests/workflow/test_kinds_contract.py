@@ -69,26 +69,51 @@ def test_fragment_is_a_valid_schema_whose_defaults_satisfy_it(fragment):
     assert fragment.summary and fragment.module.rsplit(".", 1)[-1] == fragment.path.stem
 
 
-def backdoor_arrays(fragment, label_mode: str, seed: int):
+def trained_generator(fragment, tmp_path) -> dict | None:
+    """The kind's generator trained on the tiny set with its fragment's ``generator.tiny`` settings."""
+    if not fragment.generator:
+        return None
+    from poisonflow.stages.trigger import TriggerContext
+
+    images, labels = tiny_images()
+    spec = kinds.generator_settings(fragment.kind, merge({"kind": fragment.kind}, fragment.generator.get("tiny", {})))
+    context = TriggerContext(images, labels, [f"c{i}" for i in range(CLASSES)], tiny_model(), "cpu",
+                             int(spec["seed"]), tmp_path / "work", f"generators.{fragment.kind}")
+    return kinds.ATTACKS.get(fragment.kind).train_generator(spec, context)
+
+
+def backdoor_arrays(fragment, label_mode: str, seed: int, generator=None):
     images, labels = tiny_images()
     test_images, test_labels = tiny_images(12, seed=5)
     entry = kinds.settings_for(fragment.module, tiny_entry(fragment, label_mode=label_mode, target=1, rate=0.5))
-    context = PoisonContext(images, labels, [f"c{i}" for i in range(CLASSES)], surrogate=tiny_model())
+    context = PoisonContext(images, labels, [f"c{i}" for i in range(CLASSES)], surrogate=tiny_model(),
+                            generator=generator)
     return entry, poison(entry, seed, images, labels, test_images, test_labels, CLASSES, context=context)
 
 
 @pytest.mark.parametrize("fragment", by_role("backdoor"))
 @pytest.mark.parametrize("label_mode", ["clean", "dirty"])
-def test_backdoor_runs_is_deterministic_and_keeps_its_bounds(fragment, label_mode):
-    entry, arrays = backdoor_arrays(fragment, label_mode, seed=3)
-    _, again = backdoor_arrays(fragment, label_mode, seed=3)
+def test_backdoor_runs_is_deterministic_and_keeps_its_bounds(fragment, label_mode, tmp_path):
+    generator = trained_generator(fragment, tmp_path / "a")
+    if generator is not None:  # a learned trigger: training it twice gives the same tensors
+        again_generator = trained_generator(fragment, tmp_path / "b")
+        assert generator.keys() == again_generator.keys()
+        for name in generator:
+            torch.testing.assert_close(generator[name], again_generator[name], msg=name)
+    entry, arrays = backdoor_arrays(fragment, label_mode, seed=3, generator=generator)
+    _, again = backdoor_arrays(fragment, label_mode, seed=3, generator=generator)
     for name, array in arrays.items():
         np.testing.assert_array_equal(array, again[name], err_msg=name)
     images, labels = tiny_images()
     poisoned = arrays["train/poisoned"]
     assert poisoned.sum() >= 1 and np.array_equal(arrays["train/true_labels"], labels)
     changed = np.any(arrays["train/images"] != images, axis=(1, 2, 3))
-    assert changed[poisoned].all() and not changed[~poisoned & ~arrays["train/noise_mode"]].any()
+    cover, noise = arrays["train/cover"], arrays["train/noise_mode"]
+    assert changed[poisoned].all() and not changed[~poisoned & ~noise & ~cover].any()
+    assert not (poisoned & cover).any() and not (cover & noise).any()
+    if "cover" in fragment.capabilities:  # cover samples: the training trigger, their own labels
+        assert cover.sum() == round(entry["cover_rate"] * len(labels)) and changed[cover].all()
+        np.testing.assert_array_equal(arrays["train/labels"][cover], labels[cover])
     if label_mode == "clean":
         assert np.array_equal(arrays["train/labels"], labels) and (labels[poisoned] == 1).all()
     else:

@@ -83,23 +83,34 @@ def poison(attack: dict, seed: int, train_images, train_labels, test_images, tes
     trigger = ATTACKS.get(attack["kind"]).build(
         attack, train_images.shape[1], int(trigger_spec.get("seed", seed)), context=context)
 
+    def training_trigger(indices: np.ndarray) -> np.ndarray:
+        """The training-time trigger on these samples: poison(x, y) where the kind has one (a
+        label-consistent perturbation, a partial adaptive trigger), else the test trigger."""
+        if "poison" in fragment.capabilities:
+            return transform_with_labels(train_images[indices], torch.as_tensor(train_labels[indices]), trigger.poison)
+        return transform(train_images[indices], trigger.apply)
+
     images = train_images.copy()
     labels = train_labels.copy()
-    if "poison" in fragment.capabilities:  # e.g. a label-consistent perturbation before the trigger
-        true_labels = torch.as_tensor(train_labels[chosen])
-        images[chosen] = transform_with_labels(train_images[chosen], true_labels, trigger.poison)
-    else:
-        images[chosen] = transform(train_images[chosen], trigger.apply)
+    images[chosen] = training_trigger(chosen)
     if attack["label_mode"] == "dirty":
         labels[chosen] = targets.relabel(train_labels[chosen], attack, num_classes)
     poisoned = np.zeros(len(labels), dtype=bool)
     poisoned[chosen] = True
 
+    cover = np.zeros(len(labels), dtype=bool)  # trigger applied, label kept (adaptive attacks)
+    if "cover" in fragment.capabilities and attack["cover_rate"] > 0:
+        pool = np.flatnonzero(~poisoned)
+        size = min(len(pool), int(round(attack["cover_rate"] * len(labels))))
+        covered = np.sort(np.random.default_rng([seed, 2]).choice(pool, size=size, replace=False))
+        images[covered] = training_trigger(covered)
+        cover[covered] = True
+
     noise_mode = np.zeros(len(labels), dtype=bool)
     noise_ratio = float(trigger.noise_ratio) if "noise" in fragment.capabilities else 0.0  # WaNet's noise mode
     if noise_ratio > 0:
         rng = np.random.default_rng([seed, 1])
-        pool = np.flatnonzero(~poisoned)
+        pool = np.flatnonzero(~poisoned & ~cover)
         extra = np.sort(rng.choice(pool, size=min(len(pool), int(round(noise_ratio * count))), replace=False))
         generator = torch.Generator().manual_seed(seed)
         images[extra] = transform(train_images[extra], lambda x: trigger.noise(x, generator))
@@ -109,7 +120,7 @@ def poison(attack: dict, seed: int, train_images, train_labels, test_images, tes
     return {
         "train/images": images, "train/labels": labels.astype(np.int64),
         "train/poisoned": poisoned, "train/true_labels": train_labels.astype(np.int64),
-        "train/noise_mode": noise_mode,
+        "train/noise_mode": noise_mode, "train/cover": cover,
         "test/images": transform(test_images[keep], trigger.apply),
         "test/labels": asr_labels,
         "test/true_labels": test_labels[keep].astype(np.int64),
