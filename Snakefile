@@ -1,22 +1,39 @@
-# poisonflow: data → surrogate → scores → poison → victim → defense → aggregate.
+# poisonflow: data → surrogate → scores → trigger → poison → victim → defense → aggregate.
 # Every rule shells out to `poisonflow <stage>`; its params carry the resolved config entry it
 # depends on and a hash of the source it runs, so an edit reruns exactly what it invalidates.
+# What the rules ask of the config (paths, specs, code hashes, resources) comes from
+# poisonflow.workflow_helpers.Plan, computed once per name.
+#
+# `snakemake --lint` reports one finding per rule, on purpose: "Specify a conda environment or
+# container for each rule". Every rule runs the `poisonflow` command of the environment Snakemake
+# itself runs in (pip install -e ., or environment.yml); a per-rule conda file would have to
+# install this checkout by a relative path, which breaks in the copy Snakemake builds the
+# environment from, and a named environment makes Snakemake call `conda env export` for every job
+# even without --sdm conda. There is no published container image yet.
 
-from pathlib import Path
+import os
+import sys
 
-from snakemake.exceptions import WorkflowError
-
-from poisonflow.config import Config
 from poisonflow.errors import PoisonflowError
+from poisonflow.workflow_helpers import Plan, limit_gpus
 
 
 configfile: "config.yaml"
 
 
 try:
-    CFG = Config(config)
+    PLAN = Plan.from_snakemake(config, workflow)
 except PoisonflowError as error:
-    raise WorkflowError(f"config: {error}") from None
+    sys.exit(f"config: {error}")  # one line, before any job (a bad entry name, key, value or file)
+
+# At most as many GPU jobs at once as there are GPUs, whatever --resources says (see README).
+limit_gpus(workflow)
+# Progress bars in job logs: one line per update, at most every 30 s (poisonflow.progress does
+# this itself; this also slows the bars that still call tqdm directly).
+os.environ.setdefault("TQDM_MININTERVAL", "30")
+
+
+report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
@@ -27,6 +44,7 @@ include: "workflow/rules/triggers.smk"
 include: "workflow/rules/poison.smk"
 include: "workflow/rules/victim.smk"
 include: "workflow/rules/defense.smk"
+include: "workflow/rules/figures.smk"
 include: "workflow/rules/aggregate.smk"
 
 

@@ -1,20 +1,32 @@
 """Hash of the source files a stage runs, for Snakemake's params rerun trigger.
 
-The set of files is the closure of ``poisonflow`` imports, found by parsing the source (no
-import, so the Snakefile stays fast): editing a module reruns exactly the jobs whose stage
-reaches it. Implementations behind registries are imported lazily and so are not in a stage's
-closure; a job adds the one it uses (``extra``).
+The set of files is the closure of ``poisonflow`` imports, found by reading the import statements
+of the source (no import, so the Snakefile stays fast): editing a module reruns exactly the jobs
+whose stage reaches it. Implementations behind registries are imported lazily and so are not in a
+stage's closure; a job adds the one it uses (``extra``).
+
+Everything is computed once per process: a file's imports and bytes are read once, a closure is
+followed once per module, and a hash once per set of modules (the workflow asks for the same few
+sets for thousands of jobs).
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import re
 from functools import lru_cache
 from pathlib import Path
 
 PACKAGE = "poisonflow"
 ROOT = Path(__file__).resolve().parent
+
+# An import statement at any indentation (imports inside functions count: that is how stages
+# import torch-heavy modules lazily). A parenthesised ``from x import (a,\n b)`` and backslash
+# continuations are taken whole. A docstring line that happens to read like an import may match
+# too; it can only add a file to a closure (a harmless extra rerun trigger), never drop one.
+_IMPORT = re.compile(r"^[ \t]*(?:from[ \t]+[.\w]+[ \t]+import[ \t]*(?:\([^)]*\)|(?:[^\n\\]|\\\n)*)"
+                     r"|import[ \t]+(?:[^\n\\]|\\\n)*)", re.MULTILINE)
 
 
 def _module_file(name: str) -> Path | None:
@@ -34,15 +46,28 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(), filename=str(path))
+def _statements(source: str):
+    """The import statements of ``source`` as AST nodes, without parsing the whole file."""
+    for match in _IMPORT.finditer(source):
+        text = match.group(0).strip()
+        if "#" in text and "(" not in text:  # a trailing comment on a one-line import
+            text = text.split("#", 1)[0].strip()
+        try:
+            tree = ast.parse(text)
+        except SyntaxError:  # prose in a docstring, or a fragment the pattern cut short
+            continue
+        yield from (node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom)))
+
+
+@lru_cache(maxsize=None)
+def _imports(path: Path) -> frozenset[str]:
     name = _module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(tree):
+    for node in _statements(path.read_text()):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
+        else:
             if node.level:
                 base_parts = package.split(".")
                 base_parts = base_parts[: len(base_parts) - (node.level - 1)]
@@ -55,7 +80,7 @@ def _imports(path: Path) -> set[str]:
     for module in list(found):
         parts = module.split(".")
         found.update(".".join(parts[:i]) for i in range(1, len(parts)))
-    return found
+    return frozenset(found)
 
 
 @lru_cache(maxsize=None)
@@ -78,11 +103,23 @@ def module_closure(name: str) -> tuple[Path, ...]:
     return tuple(sorted(seen))
 
 
-def code_hash(*modules: str) -> str:
-    """sha256 (16 hex digits) over the closure files of ``modules``: their paths and contents."""
+@lru_cache(maxsize=None)
+def _file_bytes(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+@lru_cache(maxsize=None)
+def _hash(modules: frozenset[str]) -> str:
     digest = hashlib.sha256()
     files = sorted({path for module in modules for path in module_closure(module)})
     for path in files:
         digest.update(str(path.relative_to(ROOT)).encode())
-        digest.update(path.read_bytes())
+        digest.update(_file_bytes(path))
     return digest.hexdigest()[:16]
+
+
+def code_hash(*modules: str) -> str:
+    """sha256 (16 hex digits) over the closure files of ``modules``: their paths and contents.
+
+    Cached for the life of the process (a Snakemake run): an edit is seen by the next run."""
+    return _hash(frozenset(modules))

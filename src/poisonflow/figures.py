@@ -1,5 +1,10 @@
 """Figures: one small drawing function per figure; each takes plain arrays or tables and writes
-one PNG atomically.
+one PNG and, next to it, the same figure as a PDF (vector, for a paper), both atomically.
+
+Axes of percentages span at least 0–100 % (:func:`percent_limits`), so a 0.3 % difference is not
+drawn as a cliff; names shown are display names (:func:`display_name`: ``BadNets``, ``A-ABL``,
+``ResNet-18``), not config entry names, where one is known; colours that encode something have
+a legend or a colour bar.
 
 - :func:`forgetting_histogram` — forgetting events of one class (hard-sample paper, Fig. 3);
 - :func:`rate_curves` — a metric against the poisoning rate, one line per selection (Figs. 7–8);
@@ -24,6 +29,67 @@ import numpy as np
 SELECTION_NAMES = {"random": "Vanilla", "loss": "Loss Value", "gradnorm": "Gradient Norm",
                    "forgetting": "Forgetting Event"}
 
+# How papers write the kinds, datasets, architectures and metrics (lower-case config names → shown).
+DISPLAY_NAMES = {
+    # backdoor attacks
+    "badnets": "BadNets", "blended": "Blended", "wanet": "WaNet", "sig": "SIG", "lc": "LC", "tuap": "TUAP",
+    "trojannn": "TrojanNN", "bpp": "BppAttack", "adap-patch": "Adap-Patch", "adap-blend": "Adap-Blend",
+    "inputaware": "Input-Aware", "input-aware": "Input-Aware", "ssba": "SSBA",
+    # unlearnable examples
+    "triggerue": "TriggerUE", "em": "EM", "rem": "REM", "tap": "TAP", "entf": "EntF", "lsp": "LSP", "ops": "OPS",
+    "ar": "AR", "clean": "Clean",
+    # defenses
+    "none": "No defense", "aabl": "A-ABL", "abl": "ABL", "fine-pruning": "Fine-pruning", "fp": "Fine-pruning",
+    "nad": "NAD", "strip": "STRIP", "sentinet": "SentiNet", "shrinkpad": "ShrinkPad", "autoencoder": "Auto-Encoder",
+    # datasets
+    "digits": "Digits", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "fashion-mnist": "Fashion-MNIST",
+    "svhn": "SVHN", "gtsrb": "GTSRB", "tiny-imagenet": "Tiny-ImageNet", "synthetic": "Synthetic",
+    # architectures
+    "convnet": "ConvNet", "resnet18": "ResNet-18", "resnet34": "ResNet-34", "preact_resnet18": "PreAct-ResNet-18",
+    "vgg16": "VGG-16", "vgg19": "VGG-19", "mobilenetv2": "MobileNetV2", "densenet121": "DenseNet-121",
+    # metrics
+    "acc": "BA", "asr": "ASR", "ra": "RA", "pgd_acc": "PGD acc.", "nder": "nDER", "auroc": "AUROC", "tpr": "TPR",
+    "fpr": "FPR", "gamma": "γ", "rho_vul": "ρ_vul", "poison_removed": "poison removed",
+    **SELECTION_NAMES,
+}
+
+
+def display_name(name) -> str:
+    """How a paper writes a config name: ``badnets`` → ``BadNets``, ``resnet18`` → ``ResNet-18``;
+    names it does not know are shown as they are (entry names are the user's own)."""
+    text = str(name)
+    return DISPLAY_NAMES.get(text, DISPLAY_NAMES.get(text.lower(), text))
+
+
+def attack_label(name: str, entry: dict | None = None) -> str:
+    """Display name of an attacks entry from its resolved settings: the kind's name, ``-C`` for a
+    clean-label backdoor, the selection where it is not random (``BadNets-C (Loss Value)``); the
+    entry name without settings."""
+    if not entry or "kind" not in entry:
+        return display_name(name)
+    label = display_name(entry["kind"])
+    if entry.get("label_mode") == "clean" and entry["kind"] in ("badnets", "blended", "wanet", "trojannn"):
+        label += "-C"
+    selection = entry.get("selection")
+    if selection and selection != "random":
+        label += f" ({selection_label(selection)})"
+    return label
+
+
+def unique_labels(names: list[str], labels: list[str]) -> list[str]:
+    """``labels``, with the entry name added to each label that two names share."""
+    return [f"{label} [{name}]" if labels.count(label) > 1 else label for name, label in zip(names, labels)]
+
+
+def percent_limits(low, high, floor=(0.0, 100.0), pad: float = 3.0) -> tuple[float, float]:
+    """Axis limits (in %) spanning ``floor`` and the data (``low``/``high``: values or arrays, e.g.
+    mean ∓ std), with ``pad`` % of room at both ends."""
+    low = np.asarray(low, dtype=float).ravel()
+    high = np.asarray(high, dtype=float).ravel()
+    bottom = min(floor[0], float(np.nanmin(low))) if np.isfinite(low).any() else floor[0]
+    top = max(floor[1], float(np.nanmax(high))) if np.isfinite(high).any() else floor[1]
+    return bottom - pad, top + pad
+
 
 def _pyplot():
     import matplotlib
@@ -34,15 +100,19 @@ def _pyplot():
     return plt
 
 
-def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
-    """Write ``fig`` as a PNG through a temporary sibling and a rename, then close it."""
+def save_figure(fig, path: str | os.PathLike, dpi: int = 150) -> Path:
+    """Write ``fig`` as ``path`` (PNG) and as the same name with ``.pdf``, each through a temporary
+    sibling and a rename, then close it; returns the PNG's path."""
     plt = _pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        for target, fmt in ((path.with_suffix(".pdf"), "pdf"), (path, "png")):  # the PNG (the rule's output) last
+            tmp = target.with_name(f".{target.stem}.tmp.{fmt}")
+            fig.savefig(tmp, dpi=dpi, format=fmt, bbox_inches="tight")
+            os.replace(tmp, target)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -71,7 +141,8 @@ def rate_curves(curves, path: str | os.PathLike, ylabel: str) -> Path:
     """``curves``: a table with columns panel, selection, rate, mean, std (fractions).
 
     One panel per ``panel`` value; in each, one line per selection: mean ± std (in %) against the
-    poisoning rate (in % of the target class for clean-label attacks).
+    poisoning rate (in % of the target class for clean-label attacks). The y axis spans at least
+    0–100 % (:func:`percent_limits`); a missing std (one seed) draws no error bar.
     """
     plt = _pyplot()
     panels = list(dict.fromkeys(curves["panel"]))
@@ -81,8 +152,10 @@ def rate_curves(curves, path: str | os.PathLike, ylabel: str) -> Path:
         for selection in _ordered_selections(part["selection"]):
             line = part[part["selection"] == selection].sort_values("rate")
             ax.errorbar(100 * line["rate"].to_numpy(float), 100 * line["mean"].to_numpy(float),
-                        yerr=100 * line["std"].to_numpy(float), marker="o", capsize=3,
+                        yerr=100 * np.nan_to_num(line["std"].to_numpy(float)), marker="o", capsize=3,
                         label=selection_label(selection))
+        mean, std = 100 * part["mean"].to_numpy(float), 100 * np.nan_to_num(part["std"].to_numpy(float))
+        ax.set_ylim(*percent_limits(mean - std, mean + std))
         ax.set_title(panel, fontsize=9)
         ax.set_xlabel("poisoning rate (%)")
         ax.set_ylabel(ylabel)
@@ -113,8 +186,8 @@ def transfer_heatmap(matrices: dict, path: str | os.PathLike, title: str = "") -
             if np.isfinite(value):
                 ax.text(col, row, f"{value:.1f}", ha="center", va="center", fontsize=8,
                         color="white" if value < 60 else "black")
-        ax.set_xticks(range(matrix.shape[1]), [str(c) for c in matrix.columns], rotation=30, ha="right")
-        ax.set_yticks(range(matrix.shape[0]), [str(r) for r in matrix.index])
+        ax.set_xticks(range(matrix.shape[1]), [display_name(c) for c in matrix.columns], rotation=30, ha="right")
+        ax.set_yticks(range(matrix.shape[0]), [display_name(r) for r in matrix.index])
         ax.set_xlabel("victim (target) model")
         ax.set_ylabel("source (surrogate) model")
         ax.set_title(" — ".join(part for part in (title, panel) if part), fontsize=9)
@@ -140,23 +213,36 @@ def tsne_embedding(features: np.ndarray, seed: int = 0, perplexity: float = 30.0
     return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features)
 
 
-def tsne_panels(panels: dict, path: str | os.PathLike) -> Path:
-    """``panels``: name → (embedding (N, 2), class labels (N,), poisoned (N,) bool).
+def tsne_panels(panels: dict, path: str | os.PathLike, class_names: list[str] | None = None) -> Path:
+    """``panels``: title → (embedding (N, 2), class labels (N,), poisoned (N,) bool).
 
-    Benign samples are coloured by class; poisoned samples are drawn on top as black crosses.
+    Benign samples are coloured by class (a legend names each class: ``class_names`` in id order,
+    else the ids); poisoned samples are drawn on top as black crosses.
     """
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
+    from matplotlib.lines import Line2D
+
+    classes = sorted({int(c) for _, labels, _ in panels.values() for c in np.asarray(labels).ravel()})
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    colour = {c: cmap(i % cmap.N) for i, c in enumerate(classes)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels) + 1.6, 4), squeeze=False)
+    any_poisoned = False
     for ax, (name, (embedding, labels, poisoned)) in zip(axes[0], panels.items()):
         embedding, poisoned = np.asarray(embedding), np.asarray(poisoned, dtype=bool)
+        labels = np.asarray(labels).astype(int)
         benign = ~poisoned
-        ax.scatter(embedding[benign, 0], embedding[benign, 1], c=np.asarray(labels)[benign], cmap="tab10", s=4,
-                   alpha=0.6)
-        ax.scatter(embedding[poisoned, 0], embedding[poisoned, 1], c="black", marker="x", s=14, label="poisoned")
+        ax.scatter(embedding[benign, 0], embedding[benign, 1], c=[colour[c] for c in labels[benign]], s=4, alpha=0.6)
+        ax.scatter(embedding[poisoned, 0], embedding[poisoned, 1], c="black", marker="x", s=14)
+        any_poisoned |= bool(poisoned.any())
         ax.set_title(name, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-        if poisoned.any():
-            ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    handles = [Line2D([], [], marker="o", linestyle="", color=colour[c], markersize=5,
+                      label=str(class_names[c]) if class_names and c < len(class_names) else f"class {c}")
+               for c in classes]
+    if any_poisoned:
+        handles.append(Line2D([], [], marker="x", linestyle="", color="black", markersize=6, label="poisoned"))
+    fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False,
+               title="class" if classes else None, title_fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1 - 1.5 / (4 * len(panels) + 1.6), 1))
     return save_figure(fig, path)

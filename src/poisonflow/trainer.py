@@ -5,8 +5,12 @@ chunk of batches at a time, the next chunk copied while the current one trains);
 gathered and augmented there (:mod:`poisonflow.augment`) and only then converted to float. On a
 GPU the loop runs with bf16 autocast and channels_last by default, optionally ``torch.compile``,
 and never waits for the device inside an epoch: statistics and training dynamics are accumulated
-on the device and read once per epoch. Every random draw comes from one seeded CPU generator, so
-a seed gives the same batches, augmentations and PGD starts on CPU and GPU.
+on the device and read once per epoch. With ``compile`` every batch has the same shape: a short last
+batch is padded with repeated samples that weigh nothing (:func:`padded_order`), so the model is
+traced once (and once more for PGD's eval mode), not again for the short batch. Every random draw
+comes from one seeded CPU generator, so a seed gives the same batches and augmentations on CPU and
+GPU; PGD starts are drawn where the batch is, on a GPU from a device generator seeded by that CPU
+generator (:mod:`poisonflow.adversarial`).
 
 What a step minimizes is an :class:`Objective`: by default the cross entropy (on PGD examples for
 adversarial training); defenses pass their own (ABL's local gradient ascent, NAD's attention
@@ -306,7 +310,8 @@ def cross_entropy_objective(transform: Callable[[torch.Tensor], torch.Tensor], k
 @dataclass
 class BatchEnd:
     """Passed to ``on_batch`` after each optimizer step; its tensors live on the device (do not read them
-    on the host, or every step waits for the device)."""
+    on the host, or every step waits for the device). A padded last batch (:func:`padded_order`) is
+    passed without its padding rows."""
     epoch: int  # 0-based
     index: torch.Tensor  # the batch's sample indices
     batch: augment.MixedBatch
@@ -450,20 +455,41 @@ class EpochStats:
                 F.cross_entropy(output.logits, labels, reduction="none")
 
 
+def first_rows(batch: augment.MixedBatch, rows: int) -> augment.MixedBatch:
+    """The batch without its padding: its first ``rows`` samples."""
+    partners = batch.partner_labels
+    return replace(batch, images=batch.images[:rows], labels=batch.labels[:rows],
+                   partner_labels=None if partners is None else partners[:rows])
+
+
+def first_outputs(output: StepOutput, rows: int) -> StepOutput:
+    """A step's output without the padding rows."""
+    return StepOutput(output.loss[:rows], None if output.logits is None else output.logits[:rows],
+                      None if output.own_loss is None else output.own_loss[:rows])
+
+
 def train_step(net, batch: augment.MixedBatch, index, optimizer, schedule, stats: EpochStats, objective: Objective,
-               ctx: StepContext, weights: torch.Tensor | None = None) -> StepOutput:
-    """One optimizer step on an augmented batch, accumulating statistics without a host sync."""
+               ctx: StepContext, weights: torch.Tensor | None = None, real: int | None = None) -> StepOutput:
+    """One optimizer step on an augmented batch, accumulating statistics without a host sync.
+
+    ``real``: only the batch's first ``real`` rows are samples, the rest padding (:func:`padded_order`);
+    the step descends on the mean over the real rows, only they are counted, and the output returned
+    covers them only.
+    """
     if ctx.runtime.channels_last:
         batch = replace(batch, images=batch.images.contiguous(memory_format=torch.channels_last))
     output = objective.loss(net, batch, ctx)
     per_sample = output.loss.float()
     if weights is not None:
         per_sample = per_sample * weights
+    labels = batch.labels
+    if real is not None:
+        per_sample, index, labels, output = per_sample[:real], index[:real], labels[:real], first_outputs(output, real)
     optimizer.zero_grad(set_to_none=True)
     per_sample.mean().backward()
     optimizer.step()
     schedule.step()
-    stats.add(index, per_sample.detach(), output, batch.labels)
+    stats.add(index, per_sample.detach(), output, labels)
     return output
 
 
@@ -477,6 +503,21 @@ def shuffled(pool: torch.Tensor | None, n: int, generator: torch.Generator) -> t
     if pool is None:
         return torch.randperm(n, generator=generator)
     return pool[torch.randperm(len(pool), generator=generator)]
+
+
+def padded_order(order: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, int]:
+    """``order`` filled up to whole batches by repeating its first samples, and the rows added.
+
+    Used with ``compile``: a short last batch would make ``torch.compile`` trace the model again for
+    its shape (and again for PGD), then switch to slower dynamic-shape code. The padding rows are
+    augmented and run through the network with the batch (BatchNorm's batch statistics see them) but
+    weigh nothing: the loss, the epoch's statistics, the recorded dynamics and ``on_batch`` cover the
+    real rows only, and every sample is still trained on exactly once per epoch.
+    """
+    short = -len(order) % batch_size
+    if short == 0:
+        return order, 0
+    return torch.cat([order, order[torch.arange(short) % len(order)]]), short
 
 
 # -- the loop --------------------------------------------------------------------------------
@@ -563,13 +604,17 @@ def train_model(
         lr = float(optimizer.param_groups[0]["lr"])
         net.train()
         order = shuffled(pool, n, generator)
+        order, padding = padded_order(order, batch_size) if runtime.compile else (order, 0)
         stats = EpochStats.zeros(n, device, record_dynamics)
-        for index, batch_u8 in data.batches(order, augment.to_device(order, device), batch_size):
+        batches = data.batches(order, augment.to_device(order, device), batch_size)
+        for number, (index, batch_u8) in enumerate(batches):
+            real = batch_size - padding if padding and number == steps_per_epoch - 1 else None
             batch = augmenter(batch_u8, targets[index], generator)
             output = train_step(net, batch, index, optimizer, state.schedule, stats, objective, ctx,
-                                None if sample_weights is None else sample_weights[index])
+                                None if sample_weights is None else sample_weights[index], real)
             if on_batch is not None:
-                on_batch(BatchEnd(epoch, index, batch, output))
+                on_batch(BatchEnd(epoch, index if real is None else index[:real],
+                                  batch if real is None else first_rows(batch, real), output))
         loss_sum, hits = float(stats.loss_sum), int(stats.hits)  # the epoch's one wait for the device
         if record_dynamics:
             state.correct[epoch] = stats.correct.cpu().numpy()

@@ -72,3 +72,61 @@ def test_trainer_spec_matches_the_reference_loop():
     assert spec["optimizer"] == {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
     assert spec["schedule"] == {"name": "constant"} and spec["batch_size"] == 64
     assert spec["amp"] is True and spec["compile"] is False and spec["channels_last"] == "auto"
+
+
+# -- the prepared GPU benchmark (benchmarks/gpu.py), at its CPU-tiny size -------------------------
+
+import math  # noqa: E402
+
+GPU_SCRIPT = REPO / "benchmarks" / "gpu.py"
+
+
+def load_gpu_benchmark():
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", GPU_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_benchmark_cpu_tiny_runs_every_section_and_every_figure_is_positive(tmp_path):
+    run = subprocess.run([sys.executable, str(GPU_SCRIPT), "--size", "cpu-tiny", "--device", "cpu", "--out",
+                          str(tmp_path)], capture_output=True, text=True, env=environment(), timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu-benchmark.json").read_text())
+    gpu = load_gpu_benchmark()
+    assert {"device", "device_type", "torch", "cuda", "cudnn", "size", "budget_s", "wall_s", "figures", "goals",
+            "details", "skipped", "notes"} <= set(result)
+    assert result["size"] == "cpu-tiny" and result["device_type"] == "cpu" and result["skipped"] == []
+    assert set(result["figures"]) == set(gpu.FIGURES)  # every section measured all of its figures
+    for key, value in result["figures"].items():
+        assert isinstance(value, float) and math.isfinite(value) and value > 0, key
+    assert set(result["details"]) == set(gpu.SECTIONS)
+    assert {key: goal["value"] for key, goal in result["goals"].items()} == {
+        key: result["figures"][key] for key in ("ratio.defaults", "epoch.compiled_s", "gradnorm.speedup")}
+    # the ratios are the rates they divide
+    figures = result["figures"]
+    assert figures["ratio.defaults"] == pytest.approx(
+        figures["trainer_defaults.images_per_s"] / figures["reference.images_per_s"])
+    assert figures["epoch.compile_gain"] == pytest.approx(figures["epoch.eager_s"] / figures["epoch.compiled_s"])
+    assert result["details"]["epoch"]["compiled"]["settings"]["compile"] is True
+    assert result["details"]["epoch"]["eager"]["settings"]["compile"] is False
+    assert result["details"]["trainer_plain"]["settings"] == {"amp": False, "channels_last": False, "compile": False,
+                                                              "data_on_device": True}
+    assert result["details"]["triggerue"]["extrapolated"] is True  # timed on a few images, scaled to 50k
+    table = (tmp_path / "gpu-benchmark.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| section")]
+    assert len(rows) == len(gpu.FIGURES) and "| skipped |" not in table
+    assert run.stdout.strip() == table.strip()
+
+
+def test_gpu_benchmark_reports_the_sections_it_skipped(tmp_path):
+    gpu = load_gpu_benchmark()
+    result = gpu.main(["--size", "cpu-tiny", "--device", "cpu", "--out", str(tmp_path), "--budget", "0",
+                       "--sections", "gradnorm,pgd10"])
+    assert result["figures"] == {}
+    reasons = {item["section"]: item["reason"] for item in result["skipped"]}
+    assert set(reasons) == set(gpu.SECTIONS)
+    assert reasons["trainer_defaults"] == "not selected (--sections)"
+    assert reasons["gradnorm"].startswith("0 s of the 0 s budget left")
+    assert json.loads((tmp_path / "gpu-benchmark.json").read_text())["skipped"] == result["skipped"]
+    assert "Skipped:" in (tmp_path / "gpu-benchmark.md").read_text()

@@ -356,3 +356,152 @@ def test_an_objective_without_logits_has_no_accuracy(tmp_path):
     assert (tmp_path / "h.csv").read_text().splitlines()[1].split(",")[2] == ""
     with pytest.raises(ValueError, match="record_dynamics"):
         train_model(fresh(), images, labels, {**TRAINING, "epochs": 1}, seed=0, objective=energy, record_dynamics=True)
+
+
+# -- paper-scale speed: one batch shape under compile, PGD starts, evaluation, data digest ---------
+
+from poisonflow import adversarial, evaluate, fingerprint  # noqa: E402
+
+
+def recording_backend(traced: list):
+    """A torch.compile backend that records the shape of the model input of every graph it is given."""
+    def backend(graph_module, example_inputs):
+        names = [node.target for node in graph_module.graph.nodes if node.op == "placeholder"]
+        inputs = dict(zip(names, example_inputs))
+        traced.append({"x": tuple(inputs["L_x_"].shape),
+                       "symbolic": [name for name, value in inputs.items() if not isinstance(value, torch.Tensor)]})
+        return graph_module.forward
+    return backend
+
+
+def test_compiled_training_pads_the_last_batch_so_the_model_sees_one_shape(monkeypatch):
+    torch._dynamo.reset()
+    traced, pgd_sizes, seen = [], [], {}
+    monkeypatch.setattr(trainer, "compile_options", {"backend": recording_backend(traced)})
+    real_pgd = trainer.pgd
+    monkeypatch.setattr(trainer, "pgd", lambda model, x, *args, **kwargs: pgd_sizes.append(len(x)) or
+                        real_pgd(model, x, *args, **kwargs))
+    images, labels = data(80)  # batches of 32, 32 and 16 (+ 16 padding rows)
+
+    def on_batch(end):
+        seen.setdefault(end.epoch, []).append((end.index.clone(), end.output.loss.detach().sum(), len(end.batch.images)))
+
+    training = {**TRAINING, "epochs": 2, "compile": True, "adversarial": {"eps": 4 / 255, "step": 2 / 255, "steps": 2}}
+    result = train_model(fresh(), images, labels, training, seed=0, record_dynamics=True, on_batch=on_batch)
+    assert result.runtime.compile
+    # one graph for training and one for PGD's eval mode, both for whole batches: no recompile for 16 rows
+    assert [graph["x"] for graph in traced] == [(32, 3, 8, 8), (32, 3, 8, 8)]
+    assert all(graph["symbolic"] == [] for graph in traced)  # and no dynamic-shape graph
+    assert pgd_sizes == [32, 32, 32] * 2
+    for epoch, batches in seen.items():
+        # on_batch sees the real rows only; together they are every sample, once
+        assert [len(index) for index, _, _ in batches] == [32, 32, 16] == [rows for _, _, rows in batches]
+        assert sorted(torch.cat([index for index, _, _ in batches]).tolist()) == list(range(80))
+        # the epoch's loss is the mean over the 80 real samples: the padding weighs nothing
+        assert result.history[epoch]["loss"] == pytest.approx(float(sum(s for _, s, _ in batches)) / 80, rel=1e-6)
+    assert result.correct.shape == (2, 80) and result.correct[-1].mean() > 0.5
+
+
+def test_padded_order_repeats_the_first_samples_of_the_epoch():
+    order = torch.tensor([4, 0, 3, 1, 2])
+    assert trainer.padded_order(order, 5) == (order, 0)
+    padded, short = trainer.padded_order(order, 4)
+    assert short == 3 and padded.tolist() == [4, 0, 3, 1, 2, 4, 0, 3]
+    padded, short = trainer.padded_order(order[:2], 7)  # fewer samples than padding rows: cycle
+    assert short == 5 and padded.tolist() == [4, 0, 4, 0, 4, 0, 4]
+
+
+def test_uncompiled_training_does_not_pad():
+    images, labels = data(80)
+    sizes = []
+    train_model(fresh(), images, labels, {**TRAINING, "epochs": 1}, seed=0,
+                on_batch=lambda end: sizes.append(len(end.batch.images)))
+    assert sizes == [32, 32, 16]
+
+
+def test_pgd_random_start_on_the_cpu_is_the_former_stream():
+    x = torch.rand(4, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    x[0] = 1.0  # starts clipped at the top of the pixel range
+    start = adversarial.pgd(torch.nn.Identity(), x, None, 8 / 255, 2 / 255, 0,
+                            generator=torch.Generator().manual_seed(7))
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(7))  # the draw before the change
+    assert torch.equal(start, x + ((x + (noise * 2 - 1) * (8 / 255)).clamp(0, 1) - x))
+    generator = torch.Generator().manual_seed(7)
+    assert torch.equal(adversarial.random_start(x, 8 / 255, generator), (noise * 2 - 1) * (8 / 255))
+
+
+def test_device_generator_takes_one_draw_of_the_cpu_generator():
+    a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    first = adversarial.device_generator(torch.device("cpu"), a)
+    second = adversarial.device_generator(torch.device("cpu"), b)
+    assert torch.equal(torch.rand(5, generator=first), torch.rand(5, generator=second))
+    one_draw = torch.Generator().manual_seed(3)
+    torch.randint(0, 2**63 - 1, (1,), generator=one_draw)
+    assert torch.equal(a.get_state(), one_draw.get_state())  # advanced by exactly one draw, not one per pixel
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_pgd_random_start_on_a_gpu_is_drawn_there_and_seeded():
+    x = torch.rand(8, 3, 16, 16, device="cuda")
+    a = adversarial.random_start(x, 8 / 255, torch.Generator().manual_seed(5))
+    b = adversarial.random_start(x, 8 / 255, torch.Generator().manual_seed(5))
+    c = adversarial.random_start(x, 8 / 255, torch.Generator().manual_seed(6))
+    assert a.device.type == "cuda" and torch.equal(a, b) and not torch.equal(a, c)
+    assert float(a.abs().max()) <= 8 / 255 and float(a.std()) > 0.5 * (8 / 255) / 3 ** 0.5
+
+
+def former_predict(model, images, batch_size):
+    """The evaluation loop before it kept results on the device: one host read per batch."""
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model(trainer.to_float(trainer.images_to_tensor(images[start:start + batch_size]))).argmax(1)
+                          for start in range(0, len(images), batch_size)]).numpy()
+
+
+def former_pgd_accuracy(model, images, labels, eps, step, steps, batch_size, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hits = 0
+    for start in range(0, len(images), batch_size):
+        x = trainer.to_float(trainer.images_to_tensor(images[start:start + batch_size]))
+        y = torch.as_tensor(labels[start:start + batch_size], dtype=torch.long)
+        x_adv = adversarial.pgd(model, x, y, eps, step, steps, generator=generator)
+        with torch.no_grad():
+            hits += int((model(x_adv).argmax(1) == y).sum())
+    return hits / len(images)
+
+
+def test_evaluation_on_the_cpu_gives_the_former_results_across_chunks(monkeypatch):
+    images, labels = data(90)
+    model = train_model(fresh(), images, labels, {**TRAINING, "epochs": 2}, seed=0).model
+    monkeypatch.setattr(evaluate, "CHUNK_IMAGES", 40)  # chunks of 32 images (whole batches of 16), the last short
+    assert np.array_equal(evaluate.predict(model, images, batch_size=16), former_predict(model, images, 16))
+    assert evaluate.pgd_accuracy(model, images, labels, 8 / 255, 2 / 255, 3, batch_size=16) == \
+        former_pgd_accuracy(model, images, labels, 8 / 255, 2 / 255, 3, 16)
+    bf16 = evaluate.predict(model, images, batch_size=16, amp=True)  # bf16 autocast on request, even on CPU
+    assert np.mean(bf16 == former_predict(model, images, 16)) > 0.9
+    assert evaluate.use_amp("auto", torch.device("cpu")) is False
+    with pytest.raises(ConfigError, match="amp"):
+        evaluate.predict(model, images, amp="yes")
+
+
+def test_data_digest_changes_with_any_pixel_and_any_move():
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (300, 7, 7, 3), dtype=np.uint8), np.arange(300) % 10  # 147-byte rows
+    base = fingerprint.data_digest(images, labels)
+    assert fingerprint.data_digest(images.copy(), labels.astype(np.int32)) == base
+    assert fingerprint.data_digest(np.asfortranarray(images), labels) == base  # the values count, not the layout
+    for position in [(0, 0, 0, 0), (150, 3, 4, 1), (299, 6, 6, 2), (298, 6, 6, 2)]:  # first, middle, tail bytes
+        flipped = images.copy()
+        flipped[position] ^= 1  # one pixel, one bit
+        assert fingerprint.data_digest(flipped, labels) != base, position
+    swapped = images.copy()
+    swapped[[10, 200]] = swapped[[200, 10]]  # two images trade places
+    assert fingerprint.data_digest(swapped, labels) != base
+    moved = images.copy()
+    moved[5, 0, 0], moved[5, 0, 1] = images[5, 0, 1], images[5, 0, 0]  # two pixels trade places in one image
+    assert (moved != images).any() and fingerprint.data_digest(moved, labels) != base
+    assert fingerprint.data_digest(images.reshape(300, 49, 3), labels) != base  # shape
+    assert fingerprint.data_digest(images.astype(np.int16), labels) != base  # dtype
+    changed = labels.copy()
+    changed[0] = 1
+    assert fingerprint.data_digest(images, changed) != base

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -63,3 +65,66 @@ def test_screening_set_mixes_clean_and_triggered_in_seeded_order():
     images, truth = screening_set(clean, poisoned, seed=0)
     assert truth.sum() == 3 and np.all(images[truth] == 255) and np.all(images[~truth] == 0)
     assert not np.array_equal(truth, np.array([0, 0, 0, 0, 0, 1, 1, 1], bool))
+
+
+class Args:
+    experiment = None
+    benchmarks = ()
+
+
+def run_aggregate(results, paths, experiment=None):
+    args = Args()
+    args.results, args.metrics = str(results), [str(p) for p in paths]
+    args.experiment = json.dumps(experiment) if experiment is not None else None
+    aggregate.run(args)
+
+
+def test_single_seed_has_a_dash_for_its_std_and_every_table_has_latex(results_dir, write_metrics):
+    results = results_dir
+    paths = [write_metrics(results, {"acc": 0.9, "asr": 0.5}, seed=0),
+             write_metrics(results, {"acc": 0.8, "asr": 0.25}, defense="aabl", seed=0),
+             write_metrics(results, {"acc": 0.7, "asr": 0.75}, defense="aabl", seed=1)]
+    run_aggregate(results, paths)
+    summary = pd.read_csv(results / "tables" / "summary.csv")
+    single = summary[summary.defense == "none"].iloc[0]
+    assert single["acc"] == "90.00 ± –" and single["seeds"] == 1  # not "± 0.00": there is no std
+    assert summary[summary.defense == "aabl"].iloc[0]["acc"] == "75.00 ± 7.07"
+    assert "| 90.00 ± – |" in (results / "tables" / "summary.md").read_text()
+    tex = (results / "tables" / "summary.tex").read_text()
+    assert "\\begin{tabular}{llllrrr}" in tex and "\\toprule" in tex and "\\bottomrule" in tex
+    assert "dataset & attack & training & defense & BA & ASR & seeds \\\\" in tex
+    assert "digits & badnets & quick & none & 90.00 $\\pm$ -- & 50.00 $\\pm$ -- & 1 \\\\" in tex
+    assert (results / "figures" / "summary.pdf").read_bytes()[:5] == b"%PDF-"
+
+
+def test_latex_cells_are_escaped():
+    table = pd.DataFrame({"method": ["a_b & 50%", "x"], "v": ["1.00 ± 0.10", "–"]})
+    tex = aggregate.to_latex(table, note="two\nlines")
+    assert tex.startswith("% two\n% lines\n% requires \\usepackage{booktabs}\n\\begin{tabular}{lr}\n")
+    assert "a\\_b \\& 50\\% & 1.00 $\\pm$ 0.10 \\\\" in tex and "x & -- \\\\" in tex
+
+
+def test_damaged_metrics_file_is_one_line(results_dir, write_metrics, capsys):
+    from poisonflow.cli import main
+
+    path = write_metrics(results_dir, {"acc": 0.9})
+    path.write_text('{"acc": 0.9')  # cut short
+    assert main(["aggregate", "--results", str(results_dir), "--metrics", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"poisonflow aggregate: error: {path}: damaged JSON (")
+
+
+def test_summary_figure_uses_display_names(results_dir, write_metrics, monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(aggregate, "save_figure", lambda fig, path: drawn.setdefault("fig", fig))
+    paths = [write_metrics(results_dir, {"acc": 0.9, "asr": 0.5}, attack=a, defense=d)
+             for a in ("badnets", "hard") for d in ("none", "aabl")]
+    experiment = {"attacks": {"badnets": {"kind": "badnets", "label_mode": "dirty"},
+                              "hard": {"kind": "badnets", "label_mode": "clean", "selection": "loss"}}}
+    run_aggregate(results_dir, paths, experiment)
+    ax = drawn["fig"].axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["BadNets / A-ABL", "BadNets / No defense", "BadNets-C (Loss Value) / A-ABL",
+                      "BadNets-C (Loss Value) / No defense"]
+    assert drawn["fig"]._suptitle.get_text() == "Digits, quick"
+    assert ax.get_xlim() == (0.0, 100.0)

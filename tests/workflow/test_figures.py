@@ -61,6 +61,51 @@ def test_tsne_embedding_and_panels(tmp_path):
                                       tmp_path / "tsne.png"))
 
 
+def capture(monkeypatch):
+    """Keep the figure a drawing function would save, to look at its axes."""
+    drawn = {}
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path: drawn.setdefault("fig", fig) and Path(path))
+    return drawn
+
+
+def test_figures_are_written_as_png_and_pdf(tmp_path):
+    out = figures.forgetting_histogram(np.array([0, 1, 1]), tmp_path / "h.png")
+    assert is_png(out) and (tmp_path / "h.pdf").read_bytes()[:5] == b"%PDF-"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.pdf", "h.png"]  # no temporaries
+
+
+def test_percent_axes_do_not_magnify_noise(monkeypatch):
+    assert figures.percent_limits([0.30], [0.62]) == (-3.0, 103.0)  # 0.30–0.62 %: the whole 0–100 % range
+    assert figures.percent_limits([-5.0], [120.0]) == (-8.0, 123.0)  # data beyond it widen the range
+    drawn = capture(monkeypatch)
+    curves = pd.DataFrame({"panel": ["p"] * 4, "selection": ["random", "random", "loss", "loss"],
+                           "rate": [0.1, 0.2, 0.1, 0.2], "mean": [0.003, 0.004, 0.005, 0.0062],
+                           "std": [0.001, np.nan, 0.0, 0.0]})
+    figures.rate_curves(curves, "unused.png", "ASR (%)")
+    ax = drawn["fig"].axes[0]
+    assert ax.get_ylim() == (-3.0, 103.0)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Vanilla", "Loss Value"]
+
+
+def test_tsne_has_a_class_legend_with_class_names(monkeypatch):
+    drawn = capture(monkeypatch)
+    embedding = np.random.default_rng(0).normal(size=(12, 2))
+    labels, poisoned = np.arange(12) % 3, np.arange(12) < 2
+    figures.tsne_panels({"BadNets": (embedding, labels, poisoned)}, "unused.png", class_names=["cat", "dog", "car"])
+    texts = [t.get_text() for t in drawn["fig"].legends[0].get_texts()]
+    assert texts == ["cat", "dog", "car", "poisoned"]
+
+
+def test_display_names():
+    assert figures.display_name("badnets") == "BadNets" and figures.display_name("aabl") == "A-ABL"
+    assert figures.display_name("resnet18") == "ResNet-18" and figures.display_name("my-entry") == "my-entry"
+    assert figures.attack_label("x", {"kind": "blended", "label_mode": "dirty", "selection": "random"}) == "Blended"
+    assert figures.attack_label("x", {"kind": "badnets", "label_mode": "clean", "selection": "forgetting"}) == \
+        "BadNets-C (Forgetting Event)"
+    assert figures.unique_labels(["a", "b", "c"], ["BadNets", "BadNets", "WaNet"]) == \
+        ["BadNets [a]", "BadNets [b]", "WaNet"]
+
+
 def test_class_forgetting_events_counts_per_class():
     # epochs × samples; sample 0: 1→0→1→0 (2 events), 1: never correct (max = 4 epochs), 2: always correct
     correct = np.array([[1, 0, 1, 1], [0, 0, 1, 0], [1, 0, 1, 0], [0, 0, 1, 0]], dtype=bool)
@@ -151,7 +196,7 @@ def test_tsne_job_draws_one_panel_per_victim(tmp_path, tiny_store):
                  "--names", "a", "b", "--poison", str(tmp_path / "p.zarr"), str(tmp_path / "p.zarr"),
                  "--victims", str(tmp_path / "model.pt"), str(tmp_path / "model.pt"),
                  "--out", str(tmp_path / "t.png")])
-    assert code == 0 and is_png(tmp_path / "t.png")
+    assert code == 0 and is_png(tmp_path / "t.png") and (tmp_path / "t.pdf").is_file()
     assert main(["figures", "--spec", json.dumps(spec), "--training", json.dumps({"model": model_spec}),
                  "--names", "a", "b", "--poison", str(tmp_path / "p.zarr"), "--victims",
                  str(tmp_path / "model.pt"), "--out", str(tmp_path / "u.png")]) == 2
@@ -263,18 +308,32 @@ def write_benchmark(results: Path, dataset: str, attack: str, seed: int, seconds
     return path
 
 
+def write_generation_time(results: Path, dataset: str, attack: str, seed: int, seconds: float) -> None:
+    """The timing attribute the poison stage records in its store (only zarr.json is read)."""
+    store = results / "poison" / dataset / attack / f"seed{seed}.zarr"
+    store.mkdir(parents=True)
+    (store / "zarr.json").write_text(json.dumps({"attributes": {"timing": {"generation_seconds": seconds}}}))
+
+
 def test_efficiency_table_from_benchmark_files(results_dir):
     results = results_dir
     paths = [write_benchmark(results, "c10", "EM", 0, [1300.0]), write_benchmark(results, "c10", "EM", 1, [1500.0]),
              write_benchmark(results, "c10", "TriggerUE", 0, [700.0, 900.0]),  # repeats: their mean
              write_benchmark(results, "svhn", "TriggerUE", 0, [30.0])]
+    write_generation_time(results, "c10", "EM", 0, 1000.0)
+    write_generation_time(results, "c10", "EM", 1, 1200.0)
+    write_generation_time(results, "svhn", "TriggerUE", 0, 4.5)
     bench = aggregate.read_benchmarks(paths, results)
-    assert bench.values.tolist() == [["c10", "EM", 0, 1300.0], ["c10", "EM", 1, 1500.0],
-                                     ["c10", "TriggerUE", 0, 800.0], ["svhn", "TriggerUE", 0, 30.0]]
+    assert bench[["dataset", "attack", "seed", "seconds", "cpu_seconds"]].values.tolist() == [
+        ["c10", "EM", 0, 1300.0, 0.1], ["c10", "EM", 1, 1500.0, 0.1],
+        ["c10", "TriggerUE", 0, 800.0, 0.1], ["svhn", "TriggerUE", 0, 30.0, 0.1]]
+    assert bench["generation_seconds"].tolist()[:2] == [1000.0, 1200.0] and np.isnan(bench["generation_seconds"][2])
     long, wide = aggregate.efficiency_table(bench, {"attack": ["TriggerUE", "EM"], "dataset": ["svhn", "c10"]})
     em = long[long["attack"] == "EM"].iloc[0]
     assert em["runs"] == 2 and em["seconds_mean"] == 1400.0 and em["seconds_std"] == pytest.approx(np.std([1300, 1500], ddof=1))
-    assert wide.values.tolist() == [["TriggerUE", "30.0 s", "13.3 min"], ["EM", "–", "23.3 min"]]
+    assert em["generation_seconds_mean"] == 1100.0
+    # the generation itself where the store records it; else the whole job, marked †
+    assert wide.values.tolist() == [["TriggerUE", "4.5 s", "13.3 min †"], ["EM", "–", "18.3 min"]]
     assert aggregate.duration(9000) == "2.50 h"
     with pytest.raises(ValueError, match="not a poison benchmark path"):
         aggregate.parse_benchmark_path(results / "benchmarks" / "poison" / "c10" / "x.tsv", results)
@@ -306,9 +365,14 @@ def test_run_writes_the_report_views(results_dir, write_metrics):
     aggregate.run(args)
     report = results / "report"
     assert sorted(p.name for p in report.iterdir()) == sorted(
-        ["index.md", "selection.md", "selection.csv", "rate_asr.png", "rate_asr.csv", "rate_acc.png", "rate_acc.csv",
-         "unlearnable.md", "unlearnable.csv", "efficiency.md", "efficiency.csv"])
+        ["index.md", "selection.md", "selection.csv", "selection.tex", "rate_asr.png", "rate_asr.pdf",
+         "rate_asr.csv", "rate_acc.png", "rate_acc.pdf", "rate_acc.csv", "unlearnable.md", "unlearnable.csv",
+         "unlearnable.tex", "efficiency.md", "efficiency.csv", "efficiency.tex"])
     assert is_png(report / "rate_asr.png") and not stale.exists()
+    assert (report / "rate_asr.pdf").read_bytes()[:5] == b"%PDF-"
+    assert "whole job's wall clock" in (report / "efficiency.md").read_text()
+    tex = (report / "unlearnable.tex").read_text()
+    assert "\\begin{tabular}{lr}" in tex and "EM & 90.50 $\\pm$ 0.71 \\\\" in tex
     assert "| EM | 90.50 ± 0.71 |" in (report / "unlearnable.md").read_text()
     assert "[selection.md](selection.md)" in (report / "index.md").read_text()
     assert pd.read_csv(report / "rate_asr.csv")["mean"].tolist() == pytest.approx([0.55] * 4)

@@ -1,46 +1,37 @@
-# aggregate: every defense metrics.json (+ the poison jobs' benchmark files, + the configured
-# figures) → metrics.csv, summary tables, the summary figure and the report views.
-
-include: "figures.smk"
-
-
-def job_names(field):
-    """Names of ``field`` (dataset, attack, training, defense) used by the jobs, in config order."""
-    return list(dict.fromkeys(getattr(job, field) for job in CFG.jobs()))
-
-
-def experiment_description():
-    """The resolved entries the report views read their parameters from (rate, target, pattern,
-    selection, surrogate and victim architectures), and the config order of the names."""
-    return {
-        "order": {field: job_names(field) for field in ("dataset", "attack", "training", "defense")},
-        "attacks": {name: CFG.attack(name) for name in job_names("attack")},
-        "trainings": {name: CFG.training(name) for name in job_names("training")},
-        "defenses": {name: CFG.defense(name) for name in job_names("defense")},
-    }
-
-
-def poison_benchmarks():
-    """The poison rule's benchmark file of every poisoned set the jobs use (generation time)."""
-    paths = (f"{RESULTS}/benchmarks/poison/{j.dataset}/{j.attack}/seed{j.seed}.tsv" for j in CFG.jobs())
-    return list(dict.fromkeys(paths))
+# aggregate: every defense metrics.json (the victim's for a defense of kind `none`), the poison
+# jobs' benchmark files and the configured figures → metrics.csv, summary tables, the summary
+# figure and the paper-style views of results/report/.
 
 
 rule aggregate:
     input:
-        metrics=all_defense_metrics(),
-        benchmarks=poison_benchmarks(),
+        metrics=PLAN.defense_metrics(),
+        undefended=PLAN.undefended_metrics(),
+        benchmarks=PLAN.poison_benchmarks(),
         # not read: listed so that the default target also draws the configured figures
-        figures=configured_figures(),
+        figures=PLAN.configured_figures(),
     output:
-        metrics=f"{RESULTS}/metrics.csv",
-        summary_csv=f"{RESULTS}/tables/summary.csv",
+        metrics=report(f"{RESULTS}/metrics.csv", caption="../report/metrics.rst", category="Summary",
+                       labels={"table": "metrics.csv (every metric of every job)"}),
+        summary_csv=report(f"{RESULTS}/tables/summary.csv", caption="../report/summary_table.rst",
+                           category="Summary", labels={"table": "summary (mean ± std over seeds)"}),
         summary_md=f"{RESULTS}/tables/summary.md",
-        figure=f"{RESULTS}/figures/summary.png",
-        report=directory(f"{RESULTS}/report"),
+        figure=report(f"{RESULTS}/figures/summary.png", caption="../report/summary_figure.rst",
+                      category="Summary", labels={"table": "summary figure (ACC and ASR)"}),
+        report=report(directory(f"{RESULTS}/report"), patterns=["{name}.png", "{name}.csv"],
+                      caption="../report/views.rst", category="Paper views"),
+    log:
+        PLAN.log("aggregate", "aggregate"),
     params:
-        experiment=as_json(experiment_description()),
-        code=code_hash("poisonflow.stages.aggregate"),
+        run=POISONFLOW,
+        results=PLAN.dirname("metrics"),
+        undefended=PLAN.undefended_pairs(),
+        experiment=PLAN.experiment_description(),
+        code=PLAN.code("aggregate"),
+    resources:
+        mem_mb=PLAN.mem_mb("aggregate"),
+        runtime=PLAN.runtime("aggregate"),
     shell:
-        "poisonflow aggregate --results {RESULTS} --metrics {input.metrics} --benchmarks {input.benchmarks}"
-        " --experiment {params.experiment:q}"
+        "{params.run} aggregate --results {params.results:q} --metrics {input.metrics:q}"
+        " --undefended {params.undefended:q} --benchmarks {input.benchmarks:q}"
+        " --experiment {params.experiment:q} > {log:q} 2>&1"

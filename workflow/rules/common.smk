@@ -1,42 +1,23 @@
-# Helpers shared by the rules: JSON specs for params, code hashes, output paths.
+# Names shared by the rule files. The helpers themselves live in poisonflow.workflow_helpers
+# (importable and tested without Snakemake); PLAN is built by the Snakefile.
 
-import json
+from poisonflow.attacks import kind_registry  # noqa: F401  (used by triggers.smk)
+from poisonflow.codehash import code_hash  # noqa: F401  (used by triggers.smk)
+from poisonflow.workflow_helpers import as_json  # noqa: F401  (used by triggers.smk)
 
-import os
-
-from poisonflow.attacks import kind_registry
-from poisonflow.codehash import code_hash
-from poisonflow.data import SOURCES
-from poisonflow.defenses import DEFENSES
-
-RESULTS = "results"
-THREADS = CFG.data["threads"]
+CFG = PLAN.cfg
+RESULTS = PLAN.results
+THREADS = PLAN.threads
+# The command every rule runs: `poisonflow`, or the warm runner with `group_small_jobs`.
+POISONFLOW = PLAN.command
 
 
 wildcard_constraints:
-    dataset="[^/]+",
-    attack="[^/]+",
-    training="[^/]+",
-    defense="[^/]+",
-    surrogate="[^/]+",
-    generator="[^/]+",
-    seed="[0-9]+",
-
-
-def as_json(value):
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
-
-
-def victim_dir(w):
-    return f"{RESULTS}/victims/{w.dataset}/{w.attack}/{w.training}/seed{w.seed}"
-
-
-def defense_dir(w):
-    return f"{victim_dir(w).replace('/victims/', '/defenses/', 1)}/{w.defense}"
-
-
-def all_defense_metrics():
-    return [
-        f"{RESULTS}/defenses/{j.dataset}/{j.attack}/{j.training}/seed{j.seed}/{j.defense}/metrics.json"
-        for j in CFG.jobs()
-    ]
+    dataset=r"[A-Za-z0-9_][A-Za-z0-9._-]*",
+    attack=r"[A-Za-z0-9_][A-Za-z0-9._-]*",
+    training=r"[A-Za-z0-9_][A-Za-z0-9._-]*",
+    defense=r"[A-Za-z0-9_][A-Za-z0-9._-]*",
+    surrogate=r"[A-Za-z0-9_][A-Za-z0-9._-]*",
+    generator=r"[A-Za-z0-9_][A-Za-z0-9._-]*",
+    figure=r"[A-Za-z0-9_][A-Za-z0-9._-]*",
+    seed=r"[0-9]+",

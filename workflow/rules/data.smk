@@ -1,11 +1,15 @@
 rule data:
     output:
         directory(f"{RESULTS}/data/{{dataset}}.zarr"),
+    log:
+        PLAN.log("data", "{dataset}"),
     params:
-        spec=lambda w: as_json(CFG.dataset(w.dataset)),
-        code=lambda w: code_hash("poisonflow.stages.data", SOURCES.module_name(CFG.dataset(w.dataset)["source"])),
+        run=POISONFLOW,
+        spec=PLAN.spec("dataset"),
+        code=PLAN.code("data", "dataset"),
     resources:
-        mem_mb=8000,
-        runtime=240,
+        mem_mb=PLAN.mem_mb("data"),
+        runtime=PLAN.runtime("data"),
+    group: PLAN.group("data")
     shell:
-        "poisonflow data --name {wildcards.dataset} --spec {params.spec:q} --out {output}"
+        "{params.run} data --name {wildcards.dataset:q} --spec {params.spec:q} --out {output:q} > {log:q} 2>&1"

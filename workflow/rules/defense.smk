@@ -1,3 +1,5 @@
+# A defenses entry of kind `none` runs no job: the aggregate reads the victim's own metrics for it
+# (results/defenses/.../<none entry>/ is not written).
 rule defense:
     input:
         clean=f"{RESULTS}/data/{{dataset}}.zarr",
@@ -7,19 +9,26 @@ rule defense:
     output:
         model=f"{RESULTS}/defenses/{{dataset}}/{{attack}}/{{training}}/seed{{seed}}/{{defense}}/model.pt",
         metrics=f"{RESULTS}/defenses/{{dataset}}/{{attack}}/{{training}}/seed{{seed}}/{{defense}}/metrics.json",
+    log:
+        PLAN.log("defense", "{dataset}/{attack}/{training}/seed{seed}/{defense}"),
+    wildcard_constraints:
+        defense=PLAN.defense_wildcard(),
     params:
-        spec=lambda w: as_json(CFG.defense(w.defense)),
-        training=lambda w: as_json(CFG.training(w.training)),
-        evaluation=as_json(CFG.evaluation()),
-        victim=victim_dir,
-        out=defense_dir,
-        code=lambda w: code_hash("poisonflow.stages.defense", DEFENSES.module_name(CFG.defense(w.defense)["kind"])),
+        run=POISONFLOW,
+        spec=PLAN.spec("defense"),
+        training=PLAN.spec("training"),
+        evaluation=PLAN.evaluation(),
+        victim=PLAN.dirname("victim", of="input"),
+        out=PLAN.dirname("model"),
+        code=PLAN.code("defense", "defense"),
     threads: THREADS
     resources:
-        gpu=1,
-        mem_mb=32000,
-        runtime=2880,
+        gpu=PLAN.gpu("defense"),
+        mem_mb=PLAN.mem_mb("defense"),
+        runtime=PLAN.runtime("defense"),
+    group: PLAN.group("defense")
     shell:
-        "poisonflow defense --name {wildcards.defense} --spec {params.spec:q} --training {params.training:q}"
-        " --evaluation {params.evaluation:q} --seed {wildcards.seed} --clean {input.clean}"
-        " --poison {input.poison} --victim-dir {params.victim} --out-dir {params.out} --threads {threads}"
+        "{params.run} defense --name {wildcards.defense:q} --spec {params.spec:q} --training {params.training:q}"
+        " --evaluation {params.evaluation:q} --seed {wildcards.seed:q} --clean {input.clean:q}"
+        " --poison {input.poison:q} --victim-dir {params.victim:q} --out-dir {params.out:q} --threads {threads}"
+        " > {log:q} 2>&1"

@@ -1,68 +1,53 @@
 # figures: one job per entry of the config's `figures:` section, drawn from stored artifacts
 # (a surrogate's training dynamics, victim models and their poisoned stores) by
 # `poisonflow figures` (the entry's kind picks the job); written to results/figures/{kind}/{name}.png.
-# The entries are checked against the rest of the config here, before any job.
-
-import re
-
-from poisonflow.stages.figures import check_figures
-
-try:
-    check_figures(CFG.data, CFG.describe)
-except PoisonflowError as error:
-    raise WorkflowError(f"config: {error}") from None
-
-FIGURES = CFG.data["figures"]
-
-
-def figure_names(kind):
-    """A wildcard pattern matching exactly the names of the figures of this kind."""
-    names = [re.escape(name) for name, entry in FIGURES.items() if entry["kind"] == kind]
-    return "|".join(names) if names else "(?!)"
-
-
-def configured_figures():
-    return [f"{RESULTS}/figures/{entry['kind']}/{name}.png" for name, entry in FIGURES.items()]
-
-
-def tsne_inputs(w):
-    entry = FIGURES[w.figure]
-    return {
-        "poison": [f"{RESULTS}/poison/{entry['dataset']}/{a}/seed{entry['seed']}.zarr" for a in entry["attacks"]],
-        "victims": [f"{RESULTS}/victims/{entry['dataset']}/{a}/{entry['training']}/seed{entry['seed']}/model.pt"
-                    for a in entry["attacks"]],
-    }
+# The entries are checked against the rest of the config when the Snakefile builds PLAN.
 
 
 rule figure_forgetting:
     input:
-        clean=lambda w: f"{RESULTS}/data/{FIGURES[w.figure]['dataset']}.zarr",
-        dynamics=lambda w: f"{RESULTS}/surrogates/{FIGURES[w.figure]['dataset']}/{FIGURES[w.figure]['surrogate']}/dynamics.npz",
+        unpack(PLAN.forgetting_inputs),
     output:
-        f"{RESULTS}/figures/forgetting/{{figure}}.png",
+        report(f"{RESULTS}/figures/forgetting/{{figure}}.png", caption="../report/forgetting.rst",
+               category="Figures", subcategory="forgetting events", labels={"figure": "{figure}"}),
+    log:
+        PLAN.log("figure_forgetting", "{figure}"),
     wildcard_constraints:
-        figure=figure_names("forgetting"),
+        figure=PLAN.figure_wildcard("forgetting"),
     params:
-        spec=lambda w: as_json(FIGURES[w.figure]),
-        code=code_hash("poisonflow.stages.figures"),
+        run=POISONFLOW,
+        spec=PLAN.figure_spec,
+        code=PLAN.code("figures"),
+    resources:
+        mem_mb=PLAN.mem_mb("figure_forgetting"),
+        runtime=PLAN.runtime("figure_forgetting"),
     shell:
-        "poisonflow figures --spec {params.spec:q} --clean {input.clean:q} --dynamics {input.dynamics:q}"
-        " --out {output:q}"
+        "{params.run} figures --spec {params.spec:q} --clean {input.clean:q} --dynamics {input.dynamics:q}"
+        " --out {output:q} > {log:q} 2>&1"
 
 
 rule figure_tsne:
     input:
-        unpack(tsne_inputs),
+        unpack(PLAN.tsne_inputs),
     output:
-        f"{RESULTS}/figures/tsne/{{figure}}.png",
+        report(f"{RESULTS}/figures/tsne/{{figure}}.png", caption="../report/tsne.rst",
+               category="Figures", subcategory="t-SNE", labels={"figure": "{figure}"}),
+    log:
+        PLAN.log("figure_tsne", "{figure}"),
     wildcard_constraints:
-        figure=figure_names("tsne"),
+        figure=PLAN.figure_wildcard("tsne"),
     params:
-        spec=lambda w: as_json(FIGURES[w.figure]),
-        training=lambda w: as_json(CFG.training(FIGURES[w.figure]["training"])),
-        names=lambda w: FIGURES[w.figure]["attacks"],
-        code=code_hash("poisonflow.stages.figures"),
+        run=POISONFLOW,
+        spec=PLAN.figure_spec,
+        training=PLAN.figure_training,
+        names=PLAN.figure_attacks,
+        code=PLAN.code("figures"),
     threads: THREADS
+    resources:
+        gpu=PLAN.gpu("figure_tsne"),
+        mem_mb=PLAN.mem_mb("figure_tsne"),
+        runtime=PLAN.runtime("figure_tsne"),
     shell:
-        "poisonflow figures --spec {params.spec:q} --training {params.training:q} --names {params.names:q}"
+        "{params.run} figures --spec {params.spec:q} --training {params.training:q} --names {params.names:q}"
         " --poison {input.poison:q} --victims {input.victims:q} --threads {threads} --out {output:q}"
+        " > {log:q} 2>&1"

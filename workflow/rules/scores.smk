@@ -5,14 +5,19 @@ rule scores:
         dynamics=f"{RESULTS}/surrogates/{{dataset}}/{{surrogate}}/dynamics.npz",
     output:
         f"{RESULTS}/scores/{{dataset}}/{{surrogate}}.csv",
+    log:
+        PLAN.log("scores", "{dataset}/{surrogate}"),
     params:
-        spec=lambda w: as_json(CFG.surrogate(w.surrogate)),
-        code=code_hash("poisonflow.stages.scores"),
+        run=POISONFLOW,
+        spec=PLAN.spec("surrogate"),
+        surrogate=PLAN.dirname("scoring", of="input"),
+        code=PLAN.code("scores"),
     threads: THREADS
     resources:
-        gpu=1,
-        mem_mb=16000,
-        runtime=240,
+        gpu=PLAN.gpu("scores"),
+        mem_mb=PLAN.mem_mb("scores"),
+        runtime=PLAN.runtime("scores"),
+    group: PLAN.group("scores")
     shell:
-        "poisonflow scores --spec {params.spec:q} --clean {input.clean}"
-        " --surrogate-dir $(dirname {input.scoring}) --out {output} --threads {threads}"
+        "{params.run} scores --spec {params.spec:q} --clean {input.clean:q}"
+        " --surrogate-dir {params.surrogate:q} --out {output:q} --threads {threads} > {log:q} 2>&1"

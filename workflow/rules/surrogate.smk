@@ -6,15 +6,20 @@ rule surrogate:
         scoring=f"{RESULTS}/surrogates/{{dataset}}/{{surrogate}}/scoring.pt",
         dynamics=f"{RESULTS}/surrogates/{{dataset}}/{{surrogate}}/dynamics.npz",
         info=f"{RESULTS}/surrogates/{{dataset}}/{{surrogate}}/info.json",
+    log:
+        PLAN.log("surrogate", "{dataset}/{surrogate}"),
     params:
-        spec=lambda w: as_json(CFG.surrogate(w.surrogate)),
-        seed=lambda w: CFG.surrogate(w.surrogate)["seed"],
-        code=code_hash("poisonflow.stages.surrogate"),
+        run=POISONFLOW,
+        spec=PLAN.spec("surrogate"),
+        seed=PLAN.surrogate_seed,
+        out=PLAN.dirname("model"),
+        code=PLAN.code("surrogate"),
     threads: THREADS
     resources:
-        gpu=1,
-        mem_mb=16000,
-        runtime=720,
+        gpu=PLAN.gpu("surrogate"),
+        mem_mb=PLAN.mem_mb("surrogate"),
+        runtime=PLAN.runtime("surrogate"),
+    group: PLAN.group("surrogate")
     shell:
-        "poisonflow surrogate --spec {params.spec:q} --seed {params.seed} --clean {input.clean}"
-        " --out-dir $(dirname {output.model}) --threads {threads}"
+        "{params.run} surrogate --spec {params.spec:q} --seed {params.seed:q} --clean {input.clean:q}"
+        " --out-dir {params.out:q} --threads {threads} > {log:q} 2>&1"

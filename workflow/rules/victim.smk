@@ -5,16 +5,21 @@ rule victim:
     output:
         model=f"{RESULTS}/victims/{{dataset}}/{{attack}}/{{training}}/seed{{seed}}/model.pt",
         metrics=f"{RESULTS}/victims/{{dataset}}/{{attack}}/{{training}}/seed{{seed}}/metrics.json",
+    log:
+        PLAN.log("victim", "{dataset}/{attack}/{training}/seed{seed}"),
     params:
-        spec=lambda w: as_json(CFG.training(w.training)),
-        evaluation=as_json(CFG.evaluation()),
-        out=victim_dir,
-        code=code_hash("poisonflow.stages.victim"),
+        run=POISONFLOW,
+        spec=PLAN.spec("training"),
+        evaluation=PLAN.evaluation(),
+        out=PLAN.dirname("model"),
+        code=PLAN.code("victim"),
     threads: THREADS
     resources:
-        gpu=1,
-        mem_mb=16000,
-        runtime=1440,
+        gpu=PLAN.gpu("victim"),
+        mem_mb=PLAN.mem_mb("victim"),
+        runtime=PLAN.runtime("victim"),
+    group: PLAN.group("victim")
     shell:
-        "poisonflow victim --spec {params.spec:q} --evaluation {params.evaluation:q} --seed {wildcards.seed}"
-        " --clean {input.clean} --poison {input.poison} --out-dir {params.out} --threads {threads}"
+        "{params.run} victim --spec {params.spec:q} --evaluation {params.evaluation:q} --seed {wildcards.seed:q}"
+        " --clean {input.clean:q} --poison {input.poison:q} --out-dir {params.out:q} --threads {threads}"
+        " > {log:q} 2>&1"

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from ..errors import ConfigError
 
@@ -46,6 +45,10 @@ def stratified_indices(labels: np.ndarray, size: int | None, seed: int, key: str
         return np.arange(n)
     if not 0 < size < n:
         raise ConfigError(f"{key}: {size} is outside 1..{n} (the source has {n} samples)")
+    # imported here: a source's describe() runs when the workflow is parsed, and scikit-learn
+    # takes a second to import
+    from sklearn.model_selection import train_test_split
+
     try:
         chosen, _ = train_test_split(np.arange(n), train_size=size, stratify=labels, random_state=seed)
     except ValueError as error:  # e.g. a class too small to stratify

@@ -1,8 +1,9 @@
 """aggregate stage: every defense ``metrics.json`` → tidy ``metrics.csv``, summary tables, figures.
 
 ``results/metrics.csv`` has one row per (dataset, attack, training, defense, seed, metric).
-``results/tables/summary.{csv,md}`` report mean ± std over seeds (sample std, as the papers),
-``results/figures/summary.png`` plots ACC and ASR per attack and defense.
+``results/tables/summary.{csv,md,tex}`` report mean ± std over seeds (sample std, as the papers;
+``–`` in place of the std where there is a single seed), the ``.tex`` a booktabs tabular for a
+paper; ``results/figures/summary.png`` (and ``.pdf``) plots ACC and ASR per attack and defense.
 
 ``results/report/`` lays the same numbers out as the papers do, reading each entry's parameters
 (rate, target, trigger pattern, selection, surrogate and victim architectures) from the resolved
@@ -18,23 +19,43 @@ config (``--experiment``); a view is written only where the config has its struc
 - ``unlearnable.{csv,md}`` — clean test accuracy of the attacks evaluated without an ASR set
   (unlearnable examples, clean baselines), columns: whatever varies among dataset, training
   and defense (TriggerUE, Tables 1, 3, 4, 5);
-- ``efficiency.{csv,md}`` — seconds spent generating each poisoned set, from the poison rule's
-  Snakemake benchmark files (``--benchmarks``; TriggerUE, Table 2).
+- ``efficiency.{csv,md}`` — seconds spent generating each poisoned set: the generation time the
+  poison stage records in its store (``timing.generation_seconds``: the attack's own computation,
+  without process start-up, reading or writing), next to the whole job's wall-clock and CPU
+  seconds from the poison rule's Snakemake benchmark files (``--benchmarks``; TriggerUE, Table 2).
 
-``report/index.md`` lists the views that were written.
+Every table view is also written as ``.tex`` and every figure as ``.pdf``; ``report/index.md``
+lists the views that were written.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from ..figures import SELECTION_NAMES, rate_curves, selection_label, transfer_heatmap
+from .common import parse_json, read_json
+from ..figures import (SELECTION_NAMES, attack_label, display_name, rate_curves, save_figure, selection_label,
+                       transfer_heatmap, unique_labels)
+
+
+class _OnUse:
+    """A module imported on first attribute access: pandas costs half a second, and
+    ``poisonflow aggregate --help`` should not pay it."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attribute: str):
+        return getattr(importlib.import_module(self._name), attribute)
+
+
+pd = _OnUse("pandas")
 
 KEYS = ["dataset", "attack", "training", "defense"]
 # fractions in [0, 1], shown in percent in the summary table, in this order; other metrics
@@ -52,30 +73,51 @@ BARE_FIELDS = {"dataset", "kind", "label_mode", "pattern", "training", "defense"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--results", default="results", help="results directory")
-    parser.add_argument("--metrics", nargs="+", required=True, help="defense metrics.json files")
-    parser.add_argument("--experiment", help="resolved entries of the config's jobs (JSON; see experiment_parameters)")
-    parser.add_argument("--benchmarks", nargs="*", default=[], help="poison-rule benchmark TSV files")
+    parser.add_argument("--results", default="results", metavar="DIR", help="results directory (default: results)")
+    parser.add_argument("--metrics", nargs="*", default=[], metavar="JSON",
+                        help="defense metrics.json files, at results/defenses/DATASET/ATTACK/TRAINING/seedN/DEFENSE/")
+    parser.add_argument("--undefended", nargs="*", default=[], metavar="DEFENSE=JSON",
+                        help="a defenses entry of kind none and a victim metrics.json it stands for "
+                             "(results/victims/DATASET/ATTACK/TRAINING/seedN/metrics.json): no job copies it")
+    parser.add_argument("--experiment", metavar="JSON",
+                        help="resolved entries of the config's jobs and the config order of the names (JSON); "
+                             "without it only metrics.csv, the summary tables and the summary figure are written")
+    parser.add_argument("--benchmarks", nargs="*", default=[], metavar="TSV",
+                        help="the poison rule's Snakemake benchmark files (job wall-clock and CPU seconds)")
 
 
 # --------------------------------------------------------------------------------------------
 # metrics.csv and the summary
 # --------------------------------------------------------------------------------------------
 
-def parse_path(path: Path, results: Path) -> dict:
-    """results/defenses/{dataset}/{attack}/{training}/seed{seed}/{defense}/metrics.json → keys."""
-    parts = path.resolve().relative_to((results / "defenses").resolve()).parts
-    if len(parts) != 6 or not parts[3].startswith("seed"):
-        raise ValueError(f"{path}: not a defense metrics path")
+def parse_path(path: Path, results: Path, defense: str | None = None) -> dict:
+    """results/defenses/{dataset}/{attack}/{training}/seed{seed}/{defense}/metrics.json → keys;
+    with ``defense`` (a `kind: none` entry), the victim's results/victims/.../seed{seed}/metrics.json."""
+    if defense is not None:
+        parts = path.resolve().relative_to((results / "victims").resolve()).parts
+        if len(parts) != 5 or not parts[3].startswith("seed"):
+            raise ValueError(f"{path}: not a victim metrics path")
+        parts = (*parts[:4], defense)
+    else:
+        parts = path.resolve().relative_to((results / "defenses").resolve()).parts
+        if len(parts) != 6 or not parts[3].startswith("seed"):
+            raise ValueError(f"{path}: not a defense metrics path")
     return {"dataset": parts[0], "attack": parts[1], "training": parts[2], "seed": int(parts[3][4:]),
             "defense": parts[4]}
 
 
-def tidy(paths: list[Path], results: Path) -> pd.DataFrame:
+def undefended(pairs: list[str]) -> list[tuple[Path, str]]:
+    """``DEFENSE=PATH`` arguments → (victim metrics path, defense name)."""
+    return [(Path(path), name) for name, _, path in (pair.partition("=") for pair in pairs)]
+
+
+def tidy(paths: list, results: Path) -> pd.DataFrame:
+    """One row per metric of each metrics.json: a defense path, or a (victim path, defense) pair."""
     rows = []
-    for path in paths:
-        keys = parse_path(path, results)
-        for metric, value in json.loads(Path(path).read_text()).items():
+    for item in paths:
+        path, defense = item if isinstance(item, tuple) else (item, None)
+        keys = parse_path(path, results, defense)
+        for metric, value in read_json(path).items():
             if metric in SKIP or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
             rows.append({**keys, "metric": metric, "value": float(value)})
@@ -83,15 +125,22 @@ def tidy(paths: list[Path], results: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns).sort_values(columns[:6]).reset_index(drop=True)
 
 
+def sample_std(values) -> float:
+    """Sample standard deviation (ddof 1); NaN for a single value, where there is none."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+
+
 def summarize(table: pd.DataFrame) -> pd.DataFrame:
-    """mean, std and n per (dataset, attack, training, defense, metric)."""
+    """mean, std (NaN for a single seed) and n per (dataset, attack, training, defense, metric)."""
     grouped = table.groupby(KEYS + ["metric"], sort=False)["value"]
-    stats = grouped.agg(mean="mean", std=lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, n="count")
+    stats = grouped.agg(mean="mean", std=sample_std, n="count")
     return stats.reset_index()
 
 
 def cell(mean: float, std: float) -> str:
-    """'mean ± std' of fractions, in percent."""
+    """'mean ± std' of fractions, in percent; 'mean ± –' where there is no std (a single seed)."""
+    if std is None or not math.isfinite(std):
+        return f"{100 * mean:.2f} ± –"
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
@@ -113,32 +162,46 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body]) + "\n"
 
 
-def plot(summary: pd.DataFrame, path: Path) -> None:
-    import matplotlib
+def row_labels(rows: pd.DataFrame, experiment: dict | None = None) -> tuple[list[str], str]:
+    """Display labels of summary rows (the keys that vary between them) and a title naming the
+    keys they all share: dataset, attack, training and defense shown as a paper would write them."""
+    attacks = (experiment or {}).get("attacks", {})
+    names = list(dict.fromkeys(rows["attack"]))
+    attack_names = dict(zip(names, unique_labels(names, [attack_label(n, attacks.get(n)) for n in names])))
+    shown = {"dataset": display_name, "attack": attack_names.get, "training": str, "defense": display_name}
+    varying_keys = [k for k in KEYS if rows[k].nunique() > 1] or ["attack"]
+    labels = [" / ".join(shown[k](row[k]) for k in varying_keys) for _, row in rows.iterrows()]
+    title = ", ".join(shown[k](rows[k].iloc[0]) for k in KEYS if k not in varying_keys)
+    return labels, title
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def plot(summary: pd.DataFrame, path: Path, experiment: dict | None = None) -> Path:
+    """ACC and ASR (%) per summary row as horizontal bars with the std over seeds (none for a
+    single seed), on a fixed 0–100 % axis; PNG and PDF."""
+    from ..figures import _pyplot
+
+    plt = _pyplot()
     metrics = [m for m in ("acc", "asr") if m in set(summary["metric"])]
     groups = summary[summary["metric"].isin(metrics)]
-    labels = [" / ".join(k) for k in groups[KEYS].drop_duplicates().itertuples(index=False, name=None)]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 0.35 * len(labels) + 1.5), squeeze=False)
+    keys = groups[KEYS].drop_duplicates().reset_index(drop=True)
+    labels, title = row_labels(keys, experiment)
+    index = pd.MultiIndex.from_frame(keys)
+    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(5 * max(1, len(metrics)), 0.35 * len(labels) + 1.8),
+                             squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        part = groups[groups["metric"] == metric].set_index(KEYS)
-        part = part.reindex(pd.MultiIndex.from_tuples([tuple(l.split(" / ")) for l in labels], names=KEYS))
+        part = groups[groups["metric"] == metric].set_index(KEYS).reindex(index)
         y = np.arange(len(labels))
-        ax.barh(y, 100 * part["mean"].to_numpy(), xerr=100 * part["std"].to_numpy(), color="tab:blue" if metric == "acc" else "tab:red")
+        ax.barh(y, 100 * part["mean"].to_numpy(float), xerr=100 * np.nan_to_num(part["std"].to_numpy(float)),
+                color="tab:blue" if metric == "acc" else "tab:red")
         ax.set_yticks(y, labels if ax is axes[0][0] else [""] * len(labels), fontsize=7)
         ax.invert_yaxis()
         ax.set_xlim(0, 100)
-        ax.set_xlabel(f"{metric.upper()} (%) — mean ± std over seeds")
+        ax.set_xlabel(f"{display_name(metric)} (%), mean ± std over seeds")
         ax.grid(axis="x", alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    return save_figure(fig, path)
 
 
 def _atomic_text(text: str, path: Path) -> None:
@@ -146,6 +209,51 @@ def _atomic_text(text: str, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+LATEX_SYMBOLS = {"±": r"$\pm$", "–": "--", "γ": r"$\gamma$", "ρ": r"$\rho$", "†": r"$^\dagger$", "×": r"$\times$"}
+
+
+def latex_text(value) -> str:
+    """A table cell as LaTeX text: special characters escaped, ± – γ ρ † × as LaTeX."""
+    text = "".join(LATEX_SPECIAL.get(ch, ch) for ch in str(value))
+    for symbol, latex in LATEX_SYMBOLS.items():
+        text = text.replace(symbol, latex)
+    return text
+
+
+def to_latex(table: pd.DataFrame, note: str = "", header: dict | None = None) -> str:
+    """A booktabs ``tabular`` of ``table`` (``\\usepackage{booktabs}``); ``note`` as a comment
+    above it; ``header`` renames columns (e.g. metric names to the papers' BA, ASR)."""
+    header = header or {}
+    numeric = [_numeric_column(table[c]) for c in table.columns]
+    spec = "".join("r" if n else "l" for n in numeric)
+    lines = [f"% {line}" for line in note.splitlines() if line.strip()]
+    lines += ["% requires \\usepackage{booktabs}", f"\\begin{{tabular}}{{{spec}}}", "\\toprule",
+              " & ".join(latex_text(header.get(c, c)) for c in table.columns) + r" \\", "\\midrule"]
+    lines += [" & ".join(latex_text(v) for v in row) + r" \\" for row in table.itertuples(index=False)]
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def _looks_numeric(value) -> bool | None:
+    """True for numbers, 'mean ± std' cells and durations; None for a dash (no value); else False."""
+    parts = [part for part in str(value).replace("±", " ").replace("%", " ").replace("†", " ").split()
+             if part not in ("s", "min", "h", "–")]
+    if not parts:
+        return None
+    try:
+        [float(part) for part in parts]
+    except ValueError:
+        return False
+    return True
+
+
+def _numeric_column(values) -> bool:
+    kinds = [_looks_numeric(v) for v in values]
+    return False not in kinds and True in kinds
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,14 +440,36 @@ def parse_benchmark_path(path: Path, results: Path) -> dict:
     return {"dataset": parts[0], "attack": parts[1], "seed": int(parts[2][4:-4])}
 
 
+def recorded_generation_seconds(results: Path, dataset: str, attack: str, seed: int) -> float:
+    """The generation time the poison stage recorded in the store's attributes (``timing``), read
+    from its ``zarr.json``; NaN when the store or the record is missing."""
+    path = results / "poison" / dataset / attack / f"seed{seed}.zarr" / "zarr.json"
+    try:
+        timing = (json.loads(path.read_text()).get("attributes") or {}).get("timing") or {}
+        return float(timing["generation_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return float("nan")
+
+
 def read_benchmarks(paths: list[Path], results: Path) -> pd.DataFrame:
-    """dataset, attack, seed, seconds: wall-clock seconds (``s``) of each poison job; a benchmark
-    file with several rows (``--benchmark-repeats``) contributes their mean."""
+    """dataset, attack, seed, seconds, cpu_seconds, generation_seconds of each poison job:
+
+    - ``seconds``: wall clock of the whole job (``s`` of the Snakemake benchmark file: process
+      start-up, imports, reading, generation and writing);
+    - ``cpu_seconds``: its CPU time (``cpu_time``; NaN where the file has none);
+    - ``generation_seconds``: the generation alone, as recorded in the poisoned store (NaN for a
+      store written before it was recorded).
+
+    A benchmark file with several rows (``--benchmark-repeats``) contributes their mean.
+    """
     rows = []
     for path in paths:
-        seconds = pd.read_csv(path, sep="\t")["s"].astype(float)
-        rows.append({**parse_benchmark_path(Path(path), results), "seconds": float(seconds.mean())})
-    return pd.DataFrame(rows, columns=["dataset", "attack", "seed", "seconds"])
+        bench = pd.read_csv(path, sep="\t")
+        keys = parse_benchmark_path(Path(path), results)
+        cpu = pd.to_numeric(bench["cpu_time"], errors="coerce").mean() if "cpu_time" in bench else float("nan")
+        rows.append({**keys, "seconds": float(bench["s"].astype(float).mean()), "cpu_seconds": float(cpu),
+                     "generation_seconds": recorded_generation_seconds(results, **keys)})
+    return pd.DataFrame(rows, columns=["dataset", "attack", "seed", "seconds", "cpu_seconds", "generation_seconds"])
 
 
 def duration(seconds: float) -> str:
@@ -351,18 +481,42 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h"
 
 
+EFFICIENCY_NOTE = (
+    "Time to generate each poisoned training set, mean over seeds: the attack's own computation in the "
+    "poison job (trigger building, surrogate-based optimisation, sample selection and image generation), "
+    "recorded by the job in the store's `timing` attribute. Not included: process start-up (importing "
+    "torch), reading the clean store and the surrogate, and writing the store. A value marked † is the "
+    "whole job's wall clock (the store records no generation time). efficiency.csv also has each job's "
+    "wall-clock and CPU seconds from Snakemake's benchmark files.")
+
+
 def efficiency_table(benchmarks: pd.DataFrame, order: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(long table: dataset, attack, runs, seconds_mean, seconds_std; wide table: attack × dataset
-    of the mean duration, in config order)."""
-    grouped = benchmarks.groupby(["dataset", "attack"], sort=False)["seconds"]
-    long = grouped.agg(runs="count", seconds_mean="mean",
-                       seconds_std=lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0).reset_index()
+    """(long table: dataset, attack, runs, generation_seconds_mean/_std, seconds_mean/_std (job
+    wall clock), cpu_seconds_mean; wide table: attack × dataset of the mean generation time, or of
+    the job's wall clock marked † where no generation time is recorded, in config order)."""
+    frame = benchmarks.copy()
+    for column in ("cpu_seconds", "generation_seconds"):
+        if column not in frame:
+            frame[column] = float("nan")
+    grouped = frame.groupby(["dataset", "attack"], sort=False)
+    long = grouped.agg(runs=("seconds", "count"),
+                       generation_seconds_mean=("generation_seconds", "mean"),
+                       generation_seconds_std=("generation_seconds", lambda v: sample_std(v.dropna())),
+                       seconds_mean=("seconds", "mean"), seconds_std=("seconds", sample_std),
+                       cpu_seconds_mean=("cpu_seconds", "mean")).reset_index()
     datasets = _ordered(long["dataset"], order.get("dataset", []))
     rows = []
     for attack in _ordered(long["attack"], order.get("attack", [])):
         cells = long[long["attack"] == attack].set_index("dataset")
-        rows.append({"method": attack, **{d: duration(cells.at[d, "seconds_mean"]) if d in cells.index else "–"
-                                          for d in datasets}})
+        row = {"method": attack}
+        for d in datasets:
+            if d not in cells.index:
+                row[d] = "–"
+            elif math.isfinite(cells.at[d, "generation_seconds_mean"]):
+                row[d] = duration(cells.at[d, "generation_seconds_mean"])
+            else:
+                row[d] = duration(cells.at[d, "seconds_mean"]) + " †"
+        rows.append(row)
     return long, pd.DataFrame(rows, columns=["method", *datasets])
 
 
@@ -370,10 +524,16 @@ def efficiency_table(benchmarks: pd.DataFrame, order: dict) -> tuple[pd.DataFram
 # Writing the report
 # --------------------------------------------------------------------------------------------
 
-def _write_table(table: pd.DataFrame, stem: Path, note: str) -> list[str]:
+def _write_table(table: pd.DataFrame, stem: Path, note: str, header: dict | None = None) -> list[str]:
+    """``stem``.csv, .md (with ``note``) and .tex (booktabs, ``note`` as a comment)."""
     _atomic_text(table.to_csv(index=False), stem.with_suffix(".csv"))
     _atomic_text(f"{note}\n\n" + to_markdown(table), stem.with_suffix(".md"))
-    return [stem.with_suffix(".md").name, stem.with_suffix(".csv").name]
+    _atomic_text(to_latex(table, note, header), stem.with_suffix(".tex"))
+    return [stem.with_suffix(".md").name, stem.with_suffix(".csv").name, stem.with_suffix(".tex").name]
+
+
+def _figure_files(png: Path) -> list[str]:
+    return [png.name, png.with_suffix(".pdf").name]
 
 
 def write_report(annotated: pd.DataFrame, order: dict, benchmarks: pd.DataFrame, folder: Path) -> list[str]:
@@ -381,49 +541,56 @@ def write_report(annotated: pd.DataFrame, order: dict, benchmarks: pd.DataFrame,
     written: list[str] = []
     table = selection_table(annotated)
     if table is not None:
-        written += _write_table(table, folder / "selection", "Values in %, mean ± std over seeds. "
+        written += _write_table(table, folder / "selection", "Values in %, mean ± std over seeds (– : one seed). "
                                 "Rows: sample selection × metric; columns: the settings that differ.")
     for metric, ylabel in (("asr", "ASR (%)"), ("acc", "BA (%)")):
         curves = rate_sweep(annotated, metric)
         if curves is not None:
             rate_curves(curves, folder / f"rate_{metric}.png", ylabel)
             _atomic_text(curves.to_csv(index=False), folder / f"rate_{metric}.csv")
-            written += [f"rate_{metric}.png", f"rate_{metric}.csv"]
+            written += _figure_files(folder / f"rate_{metric}.png") + [f"rate_{metric}.csv"]
     for selection, matrices in transfer_matrices(annotated, order).items():
         transfer_heatmap(matrices, folder / f"transfer_{selection}.png", selection_label(selection))
         stacked = pd.concat({panel: m for panel, m in matrices.items()}, names=["setting", "source"]).reset_index()
         shown = stacked.assign(**{c: [f"{100 * v:.2f}" if np.isfinite(v) else "–" for v in stacked[c]]
                                   for c in stacked.columns[2:]})
-        written += [f"transfer_{selection}.png"] + _write_table(
+        written += _figure_files(folder / f"transfer_{selection}.png") + _write_table(
             shown, folder / f"transfer_{selection}",
             f"Mean ASR (%) of {selection_label(selection)} selection; rows: source (surrogate) model, "
-            "columns: victim model; Vanilla = random selection.")
+            "columns: victim model; Vanilla = random selection.",
+            header={c: display_name(c) for c in shown.columns})
     table = unlearnable_table(annotated, order)
     if table is not None:
-        written += _write_table(table, folder / "unlearnable", "Clean test accuracy (%), mean ± std over seeds.")
+        written += _write_table(table, folder / "unlearnable",
+                                "Clean test accuracy (%), mean ± std over seeds (– : one seed).")
     if not benchmarks.empty:
         long, wide = efficiency_table(benchmarks, order)
         _atomic_text(long.to_csv(index=False), folder / "efficiency.csv")
-        _atomic_text("Generation time of each poisoned training set (poison job wall clock, mean over seeds).\n\n"
-                     + to_markdown(wide), folder / "efficiency.md")
-        written += ["efficiency.md", "efficiency.csv"]
+        _atomic_text(f"{EFFICIENCY_NOTE}\n\n" + to_markdown(wide), folder / "efficiency.md")
+        _atomic_text(to_latex(wide, EFFICIENCY_NOTE), folder / "efficiency.tex")
+        written += ["efficiency.md", "efficiency.csv", "efficiency.tex"]
     index = "\n".join(f"- [{name}]({name})" for name in written) or "No view applies to this config."
     _atomic_text(f"# Report views\n\n{index}\n", folder / "index.md")
     return written
 
 
+SUMMARY_NOTE = "Values in %, mean ± std over seeds (sample std; – where there is a single seed)."
+
+
 def run(args) -> None:
     results = Path(args.results)
-    table = tidy([Path(p) for p in args.metrics], results)
+    experiment = parse_json(args.experiment, "--experiment") if getattr(args, "experiment", None) is not None else None
+    table = tidy([Path(p) for p in args.metrics] + undefended(getattr(args, "undefended", None) or []), results)
     _atomic_text(table.to_csv(index=False), results / "metrics.csv")
     summary = summarize(table)
     wide = formatted(summary, TABLE_METRICS)
     _atomic_text(wide.to_csv(index=False), results / "tables" / "summary.csv")
-    _atomic_text("Values in %, mean ± std over seeds.\n\n" + to_markdown(wide), results / "tables" / "summary.md")
-    plot(summary, results / "figures" / "summary.png")
+    _atomic_text(f"{SUMMARY_NOTE}\n\n" + to_markdown(wide), results / "tables" / "summary.md")
+    _atomic_text(to_latex(wide, SUMMARY_NOTE, header={m: display_name(m) for m in TABLE_METRICS}),
+                 results / "tables" / "summary.tex")
+    plot(summary, results / "figures" / "summary.png", experiment)
     print(to_markdown(wide))
-    if getattr(args, "experiment", None) is not None:
-        experiment = json.loads(args.experiment)
+    if experiment is not None:
         report = results / "report"
         shutil.rmtree(report, ignore_errors=True)  # views the config no longer has must not linger
         benchmarks = read_benchmarks([Path(p) for p in getattr(args, "benchmarks", [])], results)

@@ -12,29 +12,31 @@ bounded whatever the dataset's size; the others are loaded whole and written the
 
 from __future__ import annotations
 
-import json
+from typing import TYPE_CHECKING
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from ..config import reserve_counts
-from ..data import SOURCES
-from ..kinds import settings_for
-from ..data.streaming import DatasetStream, SplitStream, from_arrays
-from ..store import StoreWriter, samples_per_chunk
+from .common import parse_json
+
+if TYPE_CHECKING:  # the sources, the store and tqdm are imported when the stage runs, not for --help
+    from ..data.streaming import DatasetStream, SplitStream
+    from ..store import StoreWriter
 
 # The reserve's random stream, apart from the subsets' (which use split_seed alone).
 RESERVE_STREAM = 3
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--name", required=True, help="datasets entry name")
-    parser.add_argument("--spec", required=True, help="the resolved datasets entry (JSON)")
-    parser.add_argument("--out", required=True, help="output store path")
+    parser.add_argument("--name", required=True, help="datasets entry name (config keys in messages: datasets.NAME)")
+    parser.add_argument("--spec", required=True, metavar="JSON",
+                        help="the resolved datasets entry (JSON): source, image_size, subsets, reserve")
+    parser.add_argument("--out", required=True, metavar="STORE", help="output store path (.zarr)")
 
 
 def dataset_stream(source, spec: dict, key: str) -> DatasetStream:
     """The source's own stream where it has one, else its loaded arrays seen as a stream."""
+    from ..data.streaming import from_arrays
+
     stream = getattr(source, "stream", None)
     if stream is not None:
         return stream(spec, key=key)
@@ -44,6 +46,10 @@ def dataset_stream(source, spec: dict, key: str) -> DatasetStream:
 def write_split(writer: StoreWriter, parts: dict[str, np.ndarray], split: SplitStream, progress: bool = True) -> None:
     """Route each sample of ``split`` to the store group whose mask in ``parts`` selects it
     (``{group}/labels``, ``{group}/images``), the images one chunk-sized batch at a time."""
+    from tqdm.auto import tqdm
+
+    from ..store import samples_per_chunk
+
     shape = (split.image_size, split.image_size, 3)
     for name, mask in parts.items():
         writer.write(f"{name}/labels", split.labels[mask].astype(np.int64))
@@ -61,6 +67,8 @@ def write_split(writer: StoreWriter, parts: dict[str, np.ndarray], split: SplitS
 
 def reserve_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """bool (N,): the reserve, ``fraction`` of each class (rounded half up), seeded."""
+    from ..config import reserve_counts
+
     counts = reserve_counts(np.bincount(labels).tolist(), fraction)
     rng = np.random.default_rng([seed, RESERVE_STREAM])
     mask = np.zeros(len(labels), dtype=bool)
@@ -71,21 +79,31 @@ def reserve_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
 
 
 def write_stream(path, stream: DatasetStream, attrs: dict, reserve: float = 0.0, seed: int = 0,
-                 progress: bool = True) -> None:
+                 progress: bool = True, provenance: dict | None = None) -> None:
     """Write a clean store (``train/``, ``reserve/``, ``test/``, ``attrs``) from a stream, atomically."""
+    from ..store import StoreWriter
+
     held_out = reserve_mask(stream.train.labels, reserve, seed)
-    with StoreWriter(path, dict(attrs, classes=list(stream.classes))) as writer:
+    with StoreWriter(path, dict(attrs, classes=list(stream.classes)), provenance=provenance) as writer:
         write_split(writer, {"train": ~held_out, "reserve": held_out}, stream.train, progress)
         write_split(writer, {"test": np.ones(len(stream.test), dtype=bool)}, stream.test, progress)
 
 
 def run(args) -> None:
-    spec = json.loads(args.spec)
+    from ..config import reserve_counts
+    from ..data import SOURCES
+    from ..kinds import settings_for
+    from ..provenance import record
+
+    spec = parse_json(args.spec, "--spec")
     key = f"datasets.{args.name}"
     source = SOURCES.get(spec["source"], key=f"{key}.source")
     spec = settings_for(source.__name__, spec, key)
     stream = dataset_stream(source, spec, key)
-    write_stream(args.out, stream, {"source": spec["source"], "dataset": spec}, spec["reserve"], spec["split_seed"])
+    provenance = record("data", entry=spec, name=args.name, device="cpu",
+                        code=["poisonflow.stages.data", SOURCES.module_name(spec["source"])])
+    write_stream(args.out, stream, {"source": spec["source"], "dataset": spec}, spec["reserve"], spec["split_seed"],
+                 provenance=provenance)
     reserved = sum(reserve_counts(np.bincount(stream.train.labels).tolist(), spec["reserve"]))
     size = stream.train.image_size
     print(f"{args.out}: {len(stream.train) - reserved} train + {reserved} reserve / {len(stream.test)} test "

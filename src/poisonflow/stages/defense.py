@@ -7,7 +7,6 @@ and ``nder`` against the victim (seed 004's normalized defense effectiveness rat
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -15,25 +14,26 @@ from pathlib import Path
 import numpy as np
 
 from ..defenses import DEFENSES, DefenseContext
-from ..devices import torch_device
-from ..evaluate import evaluate_store_model
-from ..models import build_model
-from ..store import read_store
-from ..trainer import load_weights, save_weights
-from .common import set_threads, write_json
+from .common import SEED_HELP, THREADS_HELP, parse_json, read_json, set_threads, write_json
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--name", required=True, help="defenses entry name")
-    parser.add_argument("--spec", required=True, help="the resolved defenses entry (JSON)")
-    parser.add_argument("--training", required=True, help="the victim's resolved trainings entry (JSON)")
-    parser.add_argument("--evaluation", required=True)
-    parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--clean", required=True)
-    parser.add_argument("--poison", required=True)
-    parser.add_argument("--victim-dir", required=True)
-    parser.add_argument("--out-dir", required=True)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--name", required=True, help="defenses entry name (for messages)")
+    parser.add_argument("--spec", required=True, metavar="JSON", help="the resolved defenses entry (JSON)")
+    parser.add_argument("--training", required=True, metavar="JSON",
+                        help="the victim's resolved trainings entry (JSON): its model and training recipe")
+    parser.add_argument("--evaluation", required=True, metavar="JSON",
+                        help="the resolved evaluation section (JSON): the PGD attack of pgd_acc, or null")
+    parser.add_argument("--seed", type=int, required=True, help=SEED_HELP)
+    parser.add_argument("--clean", required=True, metavar="STORE",
+                        help="clean store: its reserve is the defender's clean data, its test split gives ACC")
+    parser.add_argument("--poison", required=True, metavar="STORE",
+                        help="poisoned store: the released training set and the ASR set")
+    parser.add_argument("--victim-dir", required=True, metavar="DIR",
+                        help="the victim's folder (model.pt, metrics.json)")
+    parser.add_argument("--out-dir", required=True, metavar="DIR",
+                        help="output folder: model.pt, model.json, metrics.json, training histories")
+    parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
 
 
 def nder(before: dict, after: dict) -> float | None:
@@ -83,10 +83,17 @@ def defender_context(clean, poisoned, **rest) -> DefenseContext:
 
 
 def run(args) -> None:
+    from ..devices import torch_device
+    from ..evaluate import evaluate_store_model
+    from ..modelio import load_model, model_spec, save_model
+    from ..models import build_model
+    from ..provenance import record
+    from ..store import read_store
+
     set_threads(args.threads)
-    spec = json.loads(args.spec)
-    training = json.loads(args.training)
-    evaluation = json.loads(args.evaluation)
+    spec = parse_json(args.spec, "--spec")
+    training = parse_json(args.training, "--training")
+    evaluation = parse_json(args.evaluation, "--evaluation", kind=None)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     clean, poisoned = read_store(args.clean), read_store(args.poison)
@@ -97,7 +104,8 @@ def run(args) -> None:
     def fresh_model():
         return build_model(training["model"], num_classes, image_size, seed=args.seed).to(device)
 
-    victim = load_weights(fresh_model(), Path(args.victim_dir) / "model.pt", device)
+    architecture = model_spec(training["model"], num_classes, image_size)
+    victim = load_model(Path(args.victim_dir) / "model.pt", device, spec=architecture)
     screen_images, screen_truth = screening_set(clean, poisoned, args.seed)
     context = defender_context(clean, poisoned, training=training, build_model=fresh_model, victim=victim,
                                seed=args.seed, device=device, workdir=out / "work", screen_images=screen_images)
@@ -116,12 +124,17 @@ def run(args) -> None:
         metrics["poison_removed"] = float((~kept[truth]).mean()) if truth.any() else 0.0
     if result.input_scores is not None or result.input_flags is not None:
         metrics.update(detection_metrics(screen_truth, result.input_scores, result.input_flags))
-    before = json.loads((Path(args.victim_dir) / "metrics.json").read_text())
+    before = read_json(Path(args.victim_dir) / "metrics.json")
     score = nder(before, metrics) if result.model is not victim else None  # no rating for "no defense"
     if score is not None:
         metrics["nder"] = score
-    save_weights(result.model, out / "model.pt")
-    write_json(metrics, out / "metrics.json")
+    provenance = record(
+        "defense", entry=spec, name=args.name, seed=args.seed, device=device,
+        inputs=[args.clean, args.poison, Path(args.victim_dir) / "model.pt", Path(args.victim_dir) / "metrics.json"],
+        code=["poisonflow.stages.defense", DEFENSES.module_name(spec["kind"])],
+        extra={"training": training, "evaluation": evaluation})
+    save_model(result.model, out / "model.pt", architecture, provenance)
+    write_json(metrics, out / "metrics.json", provenance=provenance)
     for history in (out / "work").glob("history-*.csv"):  # each training's per-epoch history outlives the work dir
         history.replace(out / history.name)
     shutil.rmtree(out / "work", ignore_errors=True)  # checkpoints are only for resuming a killed job

@@ -1,5 +1,5 @@
 """figures stage: one entry of the config's ``figures:`` section, drawn from stored artifacts →
-``results/figures/{kind}/{name}.png``.
+``results/figures/{kind}/{name}.png`` (and the same figure as ``.pdf`` next to it).
 
 The entry (``--spec``, validated, schema defaults filled) names its ``kind``; each kind is a
 :class:`FigureKind`: the inputs it reads, the check of its entry against the rest of the config
@@ -18,7 +18,6 @@ torch and the store are imported inside the jobs.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,25 +25,26 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ConfigError
-from ..figures import forgetting_histogram, tsne_embedding, tsne_panels
-from .common import set_threads
+from ..figures import attack_label, forgetting_histogram, tsne_embedding, tsne_panels, unique_labels
+from .common import THREADS_HELP, parse_json, set_threads
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--spec", required=True, help="the figures entry (JSON, defaults filled); its kind "
-                                                      f"({', '.join(KINDS)}) picks the job and its inputs")
-    parser.add_argument("--out", required=True, help="the PNG to write")
-    parser.add_argument("--clean", help="forgetting: clean store (training labels, class names)")
-    parser.add_argument("--dynamics", help="forgetting: the surrogate's dynamics.npz")
-    parser.add_argument("--training", help="tsne: the victims' resolved trainings entry (JSON)")
+    parser.add_argument("--spec", required=True, metavar="JSON",
+                        help="the figures entry (JSON, defaults filled); its kind "
+                             f"({', '.join(KINDS)}) picks the job and its inputs")
+    parser.add_argument("--out", required=True, metavar="PNG", help="the PNG to write (a PDF is written next to it)")
+    parser.add_argument("--clean", metavar="STORE", help="forgetting: clean store (training labels, class names)")
+    parser.add_argument("--dynamics", metavar="NPZ", help="forgetting: the surrogate's dynamics.npz")
+    parser.add_argument("--training", metavar="JSON", help="tsne: the victims' resolved trainings entry (JSON)")
     parser.add_argument("--names", nargs="+", help="tsne: attack names, one per panel")
-    parser.add_argument("--poison", nargs="+", help="tsne: poisoned stores, one per attack")
-    parser.add_argument("--victims", nargs="+", help="tsne: victim model.pt files, one per attack")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--poison", nargs="+", metavar="STORE", help="tsne: poisoned stores, one per attack")
+    parser.add_argument("--victims", nargs="+", metavar="MODEL", help="tsne: victim model.pt files, one per attack")
+    parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
 
 
 def run(args) -> None:
-    entry = json.loads(args.spec)
+    entry = parse_json(args.spec, "--spec")
     kind = KINDS.get(entry.get("kind"))
     if kind is None:
         raise ConfigError(f"--spec: unknown figure kind '{entry.get('kind')}' (known: {', '.join(KINDS)})")
@@ -108,7 +108,7 @@ def draw_forgetting(entry: dict, args) -> Path:
     from ..store import read_store
 
     clean = read_store(args.clean)
-    with np.load(args.dynamics) as stored:
+    with np.load(args.dynamics, allow_pickle=False) as stored:  # arrays only: no code from the file
         correct = stored["correct"]
     cls = int(entry["class"])
     events = class_forgetting_events(correct, clean["train/labels"], cls)
@@ -148,25 +148,25 @@ def victim_features(model, images: np.ndarray, batch_size: int = 256) -> np.ndar
 
 
 def draw_tsne(entry: dict, args) -> Path:
-    from ..models import build_model
+    from ..modelio import load_model, model_spec
     from ..store import read_store
-    from ..trainer import load_weights
 
     if not len(args.names) == len(args.poison) == len(args.victims):
         raise ConfigError("--names, --poison and --victims: need one of each per attack")
     set_threads(args.threads)
-    training = json.loads(args.training)
-    panels = {}
+    training = parse_json(args.training, "--training")
+    panels, titles, classes = [], [], None
     for name, store_path, weights in zip(args.names, args.poison, args.victims):
         store = read_store(store_path)
         images, poisoned = store["train/images"], store["train/poisoned"]
-        model = build_model(training["model"], len(store.attrs["classes"]), images.shape[1])
-        model = load_weights(model, weights, "cpu")
+        classes = classes or list(store.attrs["classes"])
+        model = load_model(weights, "cpu", spec=model_spec(training["model"], len(store.attrs["classes"]), images.shape[1]))
         shown = panel_sample(poisoned, int(entry["samples"]), int(entry["seed"]))
         features = victim_features(model, images[shown])
         embedding = tsne_embedding(features, int(entry["seed"]), float(entry["perplexity"]))
-        panels[name] = (embedding, store["train/true_labels"][shown], poisoned[shown])
-    return tsne_panels(panels, args.out)
+        panels.append((embedding, store["train/true_labels"][shown], poisoned[shown]))
+        titles.append(attack_label(name, store.attrs.get("attack")))
+    return tsne_panels(dict(zip(unique_labels(list(args.names), titles), panels)), args.out, class_names=classes)
 
 
 # --------------------------------------------------------------------------------------------

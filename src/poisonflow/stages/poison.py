@@ -9,43 +9,47 @@ no test split.
 
 from __future__ import annotations
 
-import json
 import shutil
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-import torch
 
+# torch, pandas and the modules that import them are imported inside the functions that use them,
+# so that `poisonflow poison --help` starts without them
 from ..attacks import ATTACKS, UNLEARNABLE, PoisonContext
 from .. import targets
 from ..targets import poison_budget
 from ..errors import ConfigError
 from ..selection import select
-from ..devices import torch_device
-from ..models import build_model
-from ..store import read_store, write_store
-from ..trainer import images_to_tensor, load_weights, to_float
-from .common import set_threads
+from .common import SEED_HELP, THREADS_HELP, parse_json, set_threads
 from .trigger import load_generator
+
+if TYPE_CHECKING:
+    import torch
 
 CHUNK = 4096
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--name", required=True, help="attacks entry name")
-    parser.add_argument("--spec", required=True, help="the resolved attacks entry (JSON)")
-    parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--clean", required=True, help="clean store")
-    parser.add_argument("--scores", help="scores CSV of the attack's surrogate (hard-sample selection)")
-    parser.add_argument("--surrogate-dir", help="the attack's surrogate (model.pt), for kinds that use a model")
-    parser.add_argument("--generator-dir", help="the attack's trained trigger (generator.pt), for kinds that train one")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", required=True, help="output store path")
+    parser.add_argument("--name", required=True, help="attacks entry name (for messages and the store's attributes)")
+    parser.add_argument("--spec", required=True, metavar="JSON", help="the resolved attacks entry (JSON)")
+    parser.add_argument("--seed", type=int, required=True, help=SEED_HELP + "; draws the poisoned samples")
+    parser.add_argument("--clean", required=True, metavar="STORE", help="clean store")
+    parser.add_argument("--scores", metavar="CSV", help="scores CSV of the attack's surrogate (hard-sample selection)")
+    parser.add_argument("--surrogate-dir", metavar="DIR", help="the attack's surrogate (model.pt), for kinds that use a model")
+    parser.add_argument("--generator-dir", metavar="DIR", help="the attack's trained trigger (generator.pt), for kinds that train one")
+    parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    parser.add_argument("--out", required=True, metavar="STORE", help="output store path (.zarr)")
 
 
 def transform(images: np.ndarray, fn) -> np.ndarray:
     """Apply a float-image function to uint8 NHWC images in chunks; round back to uint8."""
+    import torch
+
+    from ..trainer import images_to_tensor, to_float
+
     out = np.empty_like(images)
     for start in range(0, len(images), CHUNK):
         x = to_float(images_to_tensor(images[start:start + CHUNK]))
@@ -56,6 +60,10 @@ def transform(images: np.ndarray, fn) -> np.ndarray:
 
 def transform_with_labels(images: np.ndarray, labels: torch.Tensor, fn) -> np.ndarray:
     """Like :func:`transform` for functions of (images, labels)."""
+    import torch
+
+    from ..trainer import images_to_tensor, to_float
+
     out = np.empty_like(images)
     for start in range(0, len(images), CHUNK):
         x = to_float(images_to_tensor(images[start:start + CHUNK]))
@@ -65,6 +73,8 @@ def transform_with_labels(images: np.ndarray, labels: torch.Tensor, fn) -> np.nd
 
 
 def load_scores(path: str, n: int) -> dict[str, np.ndarray]:
+    import pandas as pd
+
     table = pd.read_csv(path).sort_values("index")
     if len(table) != n or not np.array_equal(table["index"].to_numpy(), np.arange(n)):
         raise ConfigError(f"{path}: scores do not cover the {n} training samples of this dataset")
@@ -74,6 +84,8 @@ def load_scores(path: str, n: int) -> dict[str, np.ndarray]:
 def poison(attack: dict, seed: int, train_images, train_labels, test_images, test_labels, num_classes: int,
            scores: dict | None = None, key: str = "attack", context: PoisonContext | None = None) -> dict[str, np.ndarray]:
     """The arrays of a poisoned store for a resolved attack entry."""
+    import torch
+
     if not targets.all_to_all(attack) and attack["target"] >= num_classes:
         raise ConfigError(f"{key}.target: class {attack['target']} is outside the dataset's {num_classes} classes")
     _, count = poison_budget(attack, np.bincount(train_labels, minlength=num_classes).tolist())
@@ -149,15 +161,24 @@ def protect(attack: dict, seed: int, train_images, train_labels, context: Poison
 
 
 def load_surrogate(attack: dict, surrogate_dir: str | None, num_classes: int, image_size: int, device):
+    """The attack's trained surrogate (``model.pt`` of ``surrogate_dir``), checked against its
+    sidecar's digest; None without a directory."""
     if not surrogate_dir:
         return None
-    model = build_model(attack["surrogate_entry"]["training"]["model"], num_classes, image_size)
-    return load_weights(model, Path(surrogate_dir) / "model.pt", device)
+    from ..modelio import load_model, model_spec
+
+    spec = model_spec(attack["surrogate_entry"]["training"]["model"], num_classes, image_size)
+    return load_model(Path(surrogate_dir) / "model.pt", device, spec=spec)
 
 
 def run(args) -> None:
+    from ..attacks import kind_registry
+    from ..devices import torch_device
+    from ..provenance import record
+    from ..store import read_store, write_store
+
     set_threads(args.threads)
-    attack = json.loads(args.spec)
+    attack = parse_json(args.spec, "--spec")
     key = f"attacks.{args.name}"
     clean = read_store(args.clean)
     train_images, train_labels = clean["train/images"], clean["train/labels"]
@@ -168,6 +189,7 @@ def run(args) -> None:
                             surrogate=load_surrogate(attack, args.surrogate_dir, len(classes), train_images.shape[1], device),
                             extra={"key": key},
                             generator=load_generator(args.generator_dir) if args.generator_dir else None)
+    started = time.perf_counter()  # the generation itself: after start-up, reading and model loading
     if attack["kind"] in UNLEARNABLE:
         arrays = protect(attack, args.seed, train_images, train_labels, context, key=key)
         summary = f"changed {int(arrays['train/poisoned'].sum())} of {len(train_labels)} training images"
@@ -178,6 +200,16 @@ def run(args) -> None:
         summary = (f"poisoned {int(arrays['train/poisoned'].sum())} of {len(train_labels)} training samples "
                    f"({attack['label_mode']}-label, selection {attack.get('selection', 'random')}); "
                    f"ASR set of {len(arrays['test/labels'])} images")
-    write_store(args.out, arrays, {"attack": attack, "attack_name": args.name, "seed": args.seed, "classes": classes})
+    generation_seconds = time.perf_counter() - started
+    provenance = record(
+        "poison", entry=attack, name=args.name, seed=args.seed, device=device,
+        inputs=[args.clean, args.scores, args.surrogate_dir and Path(args.surrogate_dir) / "model.pt",
+                args.generator_dir and Path(args.generator_dir) / "generator.pt"],
+        code=["poisonflow.stages.poison", kind_registry(attack["kind"]).module_name(attack["kind"])])
+    timing = {"generation_seconds": generation_seconds,
+              "measures": "the poison/protect call: trigger building, sample selection and image generation, "
+                          "without process start-up, reading the inputs or writing the store"}
+    write_store(args.out, arrays, {"attack": attack, "attack_name": args.name, "seed": args.seed, "classes": classes,
+                                   "timing": timing}, provenance=provenance)
     shutil.rmtree(workdir, ignore_errors=True)
     print(f"{args.out}: {summary}")

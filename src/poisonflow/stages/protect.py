@@ -38,8 +38,14 @@ import numpy as np
 
 from ..attacks import UNLEARNABLE, PoisonContext
 from ..errors import ConfigError, DataSourceError
-from ..store import StoreWriter, read_store
-from .common import set_threads
+from .common import SEED_HELP, THREADS_HELP, set_threads
+
+
+def read_store(path):
+    """:func:`poisonflow.store.read_store`, imported on use (zarr is not needed for ``--help``)."""
+    from ..store import read_store as read
+
+    return read(path)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 STORE_SUFFIX = ".zarr"
@@ -47,17 +53,18 @@ READ_BLOCK = 1024  # samples read from an input store at once
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--input", required=True, help="a folder of class subfolders of images, or a store")
-    parser.add_argument("--out", required=True, help="output: a store if the name ends in .zarr, else a folder of PNGs")
-    parser.add_argument("--spec", help="the resolved attacks entry (JSON), as passed to `poisonflow poison`")
-    parser.add_argument("--config", help="a config file (instead of --spec), with --attack")
-    parser.add_argument("--attack", help="the attacks entry of --config")
+    parser.add_argument("--input", required=True, metavar="PATH", help="a folder of class subfolders of images, or a store")
+    parser.add_argument("--out", required=True, metavar="PATH",
+                        help="output: a store if the name ends in .zarr, else a folder of PNGs")
+    parser.add_argument("--spec", metavar="JSON", help="the resolved attacks entry (JSON), as passed to `poisonflow poison`")
+    parser.add_argument("--config", metavar="FILE", help="a config file (instead of --spec), with --attack")
+    parser.add_argument("--attack", metavar="NAME", help="the attacks entry of --config")
     parser.add_argument("--name", default=None, help="attacks entry name, for messages (with --spec)")
-    parser.add_argument("--seed", type=int, required=True, help="the experiment seed (draws the class triggers)")
-    parser.add_argument("--classes", help="class names in id order: a text file (one per line) or a store")
+    parser.add_argument("--seed", type=int, required=True, help=SEED_HELP + "; draws the class triggers")
+    parser.add_argument("--classes", metavar="PATH", help="class names in id order: a text file (one per line) or a store")
     parser.add_argument("--split", default="train", help="split to read from an input store (default: train)")
-    parser.add_argument("--surrogate-dir", help="the entry's trained surrogate (model.pt)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--surrogate-dir", metavar="DIR", help="the entry's trained surrogate (model.pt)")
+    parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
 
 
 @dataclass
@@ -223,8 +230,10 @@ class FolderSink:
 class StoreSink:
     """Protected images as a store in the poison stage's layout, built atomically chunk by chunk."""
 
-    def __init__(self, out: Path, attrs: dict):
-        self.writer = StoreWriter(out, attrs)
+    def __init__(self, out: Path, attrs: dict, provenance: dict | None = None):
+        from ..store import StoreWriter
+
+        self.writer = StoreWriter(out, attrs, provenance=provenance)
 
     def __enter__(self) -> "StoreSink":
         self.writer.__enter__()
@@ -250,7 +259,7 @@ def load_trained_surrogate(spec: dict, surrogate_dir: str | None, image_size: in
         return None
     import torch
 
-    from ..models import build_model
+    from ..modelio import load_model, model_spec, read_sidecar
 
     path = Path(surrogate_dir) / "model.pt"
     if not path.is_file():
@@ -259,10 +268,11 @@ def load_trained_surrogate(spec: dict, surrogate_dir: str | None, image_size: in
     if not entry:
         raise ConfigError(f"{key}.surrogate: the entry has no resolved surrogate (surrogate_entry); pass "
                           f"--config and --attack, or the resolved spec the workflow gives `poisonflow poison`")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(entry["training"]["model"], int(state["fc.weight"].shape[0]), image_size)
-    model.load_state_dict(state)
-    return model.to(device).eval()
+    if read_sidecar(path) is not None:  # the sidecar knows the class count
+        return load_model(path, device)
+    state = torch.load(path, map_location="cpu", weights_only=True)  # an older file: count from the weights
+    return load_model(path, device, spec=model_spec(entry["training"]["model"], int(state["fc.weight"].shape[0]),
+                                                    image_size))
 
 
 # --- the stage ------------------------------------------------------------------------------
@@ -295,7 +305,16 @@ def run(args) -> None:
 
     attrs = {"attack": spec, "attack_name": key.split(".", 1)[1], "seed": args.seed, "classes": classes,
              "source": str(input_path)}
-    sink = StoreSink(out, attrs) if out.name.endswith(STORE_SUFFIX) else FolderSink(out)
+    if out.name.endswith(STORE_SUFFIX):
+        from ..provenance import record
+
+        provenance = record(
+            "protect", entry=spec, name=attrs["attack_name"], seed=args.seed, device=device,
+            inputs=[input_path, args.surrogate_dir and Path(args.surrogate_dir) / "model.pt", args.classes],
+            code=["poisonflow.stages.protect", UNLEARNABLE.module_name(spec["kind"])])
+        sink = StoreSink(out, attrs, provenance)
+    else:
+        sink = FolderSink(out)
     count, seen = 0, set()
     with sink:
         for chunk in chunks(samples, protector.batch_size):

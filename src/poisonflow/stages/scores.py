@@ -7,38 +7,40 @@ events come from the recorded training dynamics.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-import numpy as np
-
-from ..devices import torch_device
-from ..models import build_model
-from ..scores import score_table
-from ..store import read_store
-from ..trainer import load_weights
-from .common import set_threads
+from .common import THREADS_HELP, parse_json, set_threads
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--spec", required=True, help="the resolved surrogates entry (JSON)")
-    parser.add_argument("--clean", required=True)
-    parser.add_argument("--surrogate-dir", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--spec", required=True, metavar="JSON",
+                        help="the resolved surrogates entry (JSON), its training inline")
+    parser.add_argument("--clean", required=True, metavar="STORE", help="clean store (its training split is scored)")
+    parser.add_argument("--surrogate-dir", required=True, metavar="DIR",
+                        help="the surrogate's folder (scoring.pt and dynamics.npz)")
+    parser.add_argument("--out", required=True, metavar="CSV", help="output CSV (index, label, loss, gradnorm, forgetting)")
+    parser.add_argument("--batch-size", type=int, default=128, help="samples per forward/backward pass (default: 128)")
+    parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
 
 
 def run(args) -> None:
+    import numpy as np
+
+    from ..devices import torch_device
+    from ..modelio import load_model, model_spec
+    from ..scores import score_table
+    from ..store import read_store
+
     set_threads(args.threads)
-    spec = json.loads(args.spec)
+    spec = parse_json(args.spec, "--spec")
     clean = read_store(args.clean)
     images, labels = clean["train/images"], clean["train/labels"]
     device = torch_device()
-    model = build_model(spec["training"]["model"], len(clean.attrs["classes"]), images.shape[1])
-    load_weights(model, Path(args.surrogate_dir) / "scoring.pt", device)
-    correct = np.load(Path(args.surrogate_dir) / "dynamics.npz")["correct"]
+    model = load_model(Path(args.surrogate_dir) / "scoring.pt", device,
+                       spec=model_spec(spec["training"]["model"], len(clean.attrs["classes"]), images.shape[1]))
+    with np.load(Path(args.surrogate_dir) / "dynamics.npz", allow_pickle=False) as stored:  # arrays only
+        correct = stored["correct"]
     table = score_table(model, images, labels, correct, device, args.batch_size)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
