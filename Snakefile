@@ -48,6 +48,14 @@ include: "workflow/rules/figures.smk"
 include: "workflow/rules/aggregate.smk"
 
 
+onsuccess:
+    PLAN.finish()
+
+
+onerror:
+    PLAN.finish()
+
+
 rule all:
     default_target: True
     input:

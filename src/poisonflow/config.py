@@ -135,8 +135,8 @@ class Config:
 
     ``describe_cache``: a JSON file keeping the descriptions of datasets whose source reads no
     files (digits, synthetic) between runs, keyed by the entry and the source's code; the workflow
-    passes one under ``.snakemake/`` so a Snakemake call does not import scikit-learn to count
-    the digits classes again.
+    passes one (under ``~/.cache/poisonflow/``) so a Snakemake call does not import scikit-learn
+    to count the digits classes again.
     """
 
     def __init__(self, raw: dict, describe_cache: str | Path | None = None):
@@ -233,15 +233,19 @@ class Config:
         if dataset not in self._described:
             spec = self.data["datasets"][dataset]
             key = f"datasets.{dataset}"
-            source = kinds.SOURCES.get(spec["source"], key=f"{key}.source")
-            described = self._cached_description(spec, key, lambda: source.describe(spec, key=key))
+
+            def describe():  # imports the source module (scikit-learn, for digits)
+                source = kinds.SOURCES.get(spec["source"], key=f"{key}.source")
+                return {**source.describe(spec, key=key), "native_size": getattr(source, "NATIVE_SIZE", None)}
+
+            described = self._cached_description(spec, key, describe)
             counts = [int(c) for c in described["train_counts"]]
             reserve = reserve_counts(counts, float(spec["reserve"]))
             self._described[dataset] = {
                 "classes": list(described["classes"]),
                 "train_counts": [c - r for c, r in zip(counts, reserve)],
                 "reserve_counts": reserve,
-                "image_size": int(spec.get("image_size") or source.NATIVE_SIZE),
+                "image_size": int(spec.get("image_size") or described["native_size"]),
             }
         return self._described[dataset]
 
@@ -260,9 +264,9 @@ class Config:
             cache = json.loads(self._describe_cache.read_text())
         except (OSError, ValueError):
             cache = {}
-        if not isinstance(cache, dict) or not isinstance(cache.get(digest), dict):
+        if not isinstance(cache, dict) or not isinstance(cache.get(digest), dict) or "native_size" not in cache[digest]:
             cache = cache if isinstance(cache, dict) else {}
-            cache[digest] = {k: v for k, v in describe().items() if k in ("classes", "train_counts")}
+            cache[digest] = {k: v for k, v in describe().items() if k in ("classes", "train_counts", "native_size")}
             try:
                 self._describe_cache.parent.mkdir(parents=True, exist_ok=True)
                 tmp = self._describe_cache.with_name(f".{self._describe_cache.name}.{digest[:8]}.tmp")

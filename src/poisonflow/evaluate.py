@@ -34,7 +34,7 @@ def device_batches(images, device: torch.device, batch_size: int) -> Iterator[to
     copied a chunk of whole batches at a time."""
     image_bytes = max(1, int(np.prod(images.shape[1:])) * np.dtype(images.dtype).itemsize)
     chunk = batch_size * max(1, min(CHUNK_IMAGES, CHUNK_BYTES // image_bytes) // batch_size)
-    for chunk_start in range(0, len(images), chunk):
+    for chunk_start in range(0, images.shape[0], chunk):
         on_device = images_to_tensor(np.asarray(images[chunk_start:chunk_start + chunk]), device)
         for start in range(0, len(on_device), batch_size):
             yield on_device[start:start + batch_size]

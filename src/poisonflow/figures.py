@@ -76,6 +76,12 @@ def attack_label(name: str, entry: dict | None = None) -> str:
     return label
 
 
+def display_setting(label: str) -> str:
+    """A setting label such as ``c10, badnets, target 2`` with each known name displayed
+    (``c10, BadNets, target 2``)."""
+    return ", ".join(display_name(part) for part in str(label).split(", "))
+
+
 def unique_labels(names: list[str], labels: list[str]) -> list[str]:
     """``labels``, with the entry name added to each label that two names share."""
     return [f"{label} [{name}]" if labels.count(label) > 1 else label for name, label in zip(names, labels)]
@@ -156,7 +162,7 @@ def rate_curves(curves, path: str | os.PathLike, ylabel: str) -> Path:
                         label=selection_label(selection))
         mean, std = 100 * part["mean"].to_numpy(float), 100 * np.nan_to_num(part["std"].to_numpy(float))
         ax.set_ylim(*percent_limits(mean - std, mean + std))
-        ax.set_title(panel, fontsize=9)
+        ax.set_title(display_setting(panel), fontsize=9)
         ax.set_xlabel("poisoning rate (%)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -190,7 +196,7 @@ def transfer_heatmap(matrices: dict, path: str | os.PathLike, title: str = "") -
         ax.set_yticks(range(matrix.shape[0]), [display_name(r) for r in matrix.index])
         ax.set_xlabel("victim (target) model")
         ax.set_ylabel("source (surrogate) model")
-        ax.set_title(" — ".join(part for part in (title, panel) if part), fontsize=9)
+        ax.set_title(" — ".join(part for part in (title, display_setting(panel)) if part), fontsize=9)
         fig.colorbar(image, ax=ax, label="ASR (%)")
     fig.tight_layout()
     return save_figure(fig, path)

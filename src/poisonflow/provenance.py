@@ -20,6 +20,7 @@ sidecar, :mod:`poisonflow.modelio`) carries a record made by :func:`record`:
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import platform
@@ -114,8 +115,9 @@ def record(stage: str, *, entry: Any = None, name: str | None = None, seed: int 
     ``code``: the modules whose source the job ran (the stage module and the kind module), hashed
     as the workflow rule hashes them; ``inputs``: paths of the artifacts it read (None skipped).
     """
-    from .codehash import code_hash
-
+    # imported by name: the hashing machinery is not part of what a stage computes, so it stays out
+    # of the stages' code closures (editing it reruns nothing)
+    code_hash = importlib.import_module("poisonflow.codehash").code_hash
     modules = [m for m in code if m]
     out: dict[str, Any] = {"stage": stage}
     if name is not None:

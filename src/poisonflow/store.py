@@ -332,7 +332,8 @@ class CheckedArray:
 
 class Store:
     """A read-only view of a complete store: ``store["train/images"]`` gives a numpy array, after
-    checking it against its recorded checksum."""
+    checking it against its recorded checksum. ``attrs`` are the attributes the writer gave (with
+    ``complete``); ``checksums`` and ``digest`` the integrity records."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -344,8 +345,12 @@ class Store:
             raise StoreError(f"{self.path}: not a readable Zarr store ({_one_line(exc)})") from exc
         if self._root.attrs.get("complete") is not True:
             raise StoreError(f"{self.path}: store is incomplete (no 'complete' mark); delete it and rerun")
-        self.attrs = dict(self._root.attrs)
-        self.checksums: dict[str, str] = dict(self.attrs.get("checksums") or {})
+        raw = dict(self._root.attrs)
+        self._raw_attrs = dict(raw)
+        # integrity records apart from the attributes the writer gave (and ``complete``)
+        self.checksums: dict[str, str] = dict(raw.pop("checksums", None) or {})
+        self.digest: str | None = raw.pop("digest", None)
+        self.attrs = raw
 
     def damaged(self, key: str, error: BaseException | str) -> StoreError:
         reason = error if isinstance(error, str) else f"a chunk fails its checksum or cannot be decoded: {_one_line(error)}"
@@ -409,7 +414,7 @@ class Store:
         present = set(self.keys())
         if self.checksums and recorded - present:
             raise StoreError(f"{self.path}: array '{sorted(recorded - present)[0]}' is missing")
-        if "digest" in self.attrs and store_digest(self.attrs) != self.attrs["digest"]:
+        if self.digest is not None and store_digest(self._raw_attrs) != self.digest:
             raise StoreError(f"{self.path}: attributes differ from the digest recorded when it was written")
         for key in sorted(present):
             self.check(key)

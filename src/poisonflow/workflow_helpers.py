@@ -28,7 +28,14 @@ from .config import Config, ConfigError, read_yaml
 from .devices import gpu_count
 
 RESULTS = "results"
-DESCRIBE_CACHE = ".snakemake/poisonflow/describe.json"
+
+
+def describe_cache() -> Path:
+    """Where the descriptions of file-less datasets (digits, synthetic) are kept between runs:
+    ``$XDG_CACHE_HOME/poisonflow/describe.json`` (default ``~/.cache``)."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "poisonflow" / "describe.json"
+
 
 # The rules, and the stage each runs. The training stages declare gpu=1.
 RULE_STAGES = {"data": "data", "surrogate": "surrogate", "scores": "scores", "trigger": "trigger",
@@ -38,14 +45,16 @@ GPU_RULES = ("surrogate", "scores", "trigger", "poison", "victim", "defense", "f
 
 # Peak resident memory of a job, MiB: BASE plus FACTOR × the dataset's uint8 images (train,
 # reserve and test) in MiB, rounded up to 256 MiB and raised by half on each retry. Measured with
-# /usr/bin/time -v on the default digits config (32 px, 1,797 images = 5.3 MiB of images): every
-# job peaks at 0.9-1.3 GiB, most of it torch and its libraries (see README, "GPUs and clusters").
-# FACTOR covers the float copies a stage makes of the images (training batches, evaluation,
-# A-ABL's split, the data stage's resizing); GPU_HOST_MEMORY the host side of CUDA on a GPU node.
+# /usr/bin/time on the default digits config (32 px; 1,797 images = 5 MiB): data 1,065 MiB,
+# poison 1,143-1,228, surrogate 1,199, scores 1,302, victim 1,228-1,402, defense 1,234-1,367,
+# aggregate 119. Nearly all of it is torch and its libraries (importing torch and torchvision
+# alone takes 0.9 GiB), so BASE is that plus a margin; FACTOR covers the copies a stage holds of
+# the images (the store's arrays, the poisoned copy, float batches), an estimate: no dataset
+# larger than digits was measured. `workflow: {resources: {<rule>: {mem_mb: N}}}` overrides it.
 MEMORY = {  # rule: (BASE, FACTOR)
-    "data": (1536, 12), "surrogate": (1536, 12), "scores": (1536, 12), "trigger": (1536, 12),
-    "poison": (1536, 12), "victim": (1536, 12), "defense": (1792, 16), "aggregate": (768, 0),
-    "figure_forgetting": (768, 2), "figure_tsne": (1536, 12),
+    "data": (1280, 4), "surrogate": (1536, 4), "scores": (1536, 4), "trigger": (1536, 4),
+    "poison": (1536, 4), "victim": (1536, 4), "defense": (1536, 6), "aggregate": (512, 0),
+    "figure_forgetting": (768, 1), "figure_tsne": (1536, 4),
 }
 GPU_HOST_MEMORY = 1024  # not measured here (no GPU on the machine); a retry asks 1.5× more
 # Declared run times (minutes; a cluster's time limit), unchanged from the paper-scale presets.
@@ -82,7 +91,7 @@ class Plan:
         for path in dict.fromkeys(str(p) for p in workflow.configfiles):
             if Path(path).exists():
                 read_yaml(path)
-        cfg = Config(config, describe_cache=DESCRIBE_CACHE)
+        cfg = Config(config, describe_cache=describe_cache())
         from .stages.figures import check_figures  # no torch at import; its checks need the described datasets
 
         check_figures(cfg.data, cfg.describe)
@@ -155,6 +164,18 @@ class Plan:
         if "generator" in input.keys():
             options += ["--generator-dir", os.path.dirname(input.generator)]
         return options
+
+    def trigger_inputs(self, wildcards) -> dict:
+        """Inputs of the trigger rule (a learned trigger: the clean store, and its surrogate if any)."""
+        entry = self.data["generators"][wildcards.generator]
+        inputs = {"clean": f"{self.results}/data/{wildcards.dataset}.zarr"}
+        if "surrogate" in entry:
+            inputs["surrogate"] = f"{self.results}/surrogates/{wildcards.dataset}/{entry['surrogate']}/model.pt"
+        return inputs
+
+    @staticmethod
+    def trigger_options(wildcards, input) -> list[str]:
+        return ["--surrogate-dir", os.path.dirname(input.surrogate)] if "surrogate" in input.keys() else []
 
     @staticmethod
     def dirname(name: str, of: str = "output") -> Callable:
@@ -289,6 +310,13 @@ class Plan:
     def group_size(self) -> int:
         value = self.options["group_small_jobs"]
         return DEFAULT_GROUP_SIZE if value is True else int(value or 1)
+
+    def finish(self) -> None:
+        """At the end of a run: let the warm server (``group_small_jobs``) leave now rather than idle."""
+        if self.options["group_small_jobs"] and not self.cluster:
+            from .warm import stop
+
+            stop()
 
     @property
     def command(self) -> str:

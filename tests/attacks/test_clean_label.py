@@ -325,4 +325,6 @@ def test_workflow_with_an_adversarially_trained_surrogate_and_lc(tmp_path):
     corners = corner_mask(16, 3).numpy()
     assert 0 < np.abs(images[:, ~corners].astype(int) - original[:, ~corners].astype(int)).max() <= 8
     assert (images[:, 13:16, 13:16, 0] == (CHECKERBOARD_3 * 255).numpy()).all()
-    assert (tmp_path / "results/defenses/digits/lc/fast/seed0/none/metrics.json").is_file()
+    # a `none` defense runs no job: the victim's metrics stand for it
+    assert (tmp_path / "results/victims/digits/lc/fast/seed0/metrics.json").is_file()
+    assert not (tmp_path / "results/defenses/digits/lc/fast/seed0/none").exists()

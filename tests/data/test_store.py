@@ -83,22 +83,25 @@ def _chunk(path):
 def test_checksums_and_digest_are_recorded(tmp_path, arrays):
     data = arrays()
     write_store(tmp_path / "s.zarr", data, {"classes": ["a"]}, provenance={"stage": "test"})
-    attrs = read_store(tmp_path / "s.zarr").attrs
-    assert sorted(attrs["checksums"]) == sorted(data)
-    assert all(v.startswith("blake2b-128:") for v in attrs["checksums"].values())
-    assert attrs["digest"].startswith("blake2b-128:") and attrs["provenance"] == {"stage": "test"}
+    store = read_store(tmp_path / "s.zarr")
+    assert sorted(store.checksums) == sorted(data)
+    assert all(v.startswith("blake2b-128:") for v in store.checksums.values())
+    assert store.digest.startswith("blake2b-128:") and store.attrs["provenance"] == {"stage": "test"}
+    assert store.attrs == {"classes": ["a"], "provenance": {"stage": "test"}, "complete": True}
+    on_disk = store_module.store_attrs(tmp_path / "s.zarr")  # as recorded (and as `poisonflow info` reads it)
+    assert on_disk["checksums"] == store.checksums and on_disk["digest"] == store.digest
     # the digest is the content's: same arrays and attributes, other provenance → same digest
     write_store(tmp_path / "t.zarr", data, {"classes": ["a"]}, provenance={"stage": "other"})
-    assert read_store(tmp_path / "t.zarr").attrs["digest"] == attrs["digest"]
+    assert read_store(tmp_path / "t.zarr").digest == store.digest
     write_store(tmp_path / "u.zarr", dict(data, **{"train/labels": data["train/labels"][::-1].copy()}),
                 {"classes": ["a"]})
-    assert read_store(tmp_path / "u.zarr").attrs["digest"] != attrs["digest"]
+    assert read_store(tmp_path / "u.zarr").digest != store.digest
     # appended batches give the checksum of the whole array
     with store_module.StoreWriter(tmp_path / "v.zarr", {"classes": ["a"]}) as writer:
         for key, value in data.items():
             for start in range(0, len(value), 700):
                 writer.append(key, value[start:start + 700])
-    assert read_store(tmp_path / "v.zarr").attrs["checksums"] == attrs["checksums"]
+    assert read_store(tmp_path / "v.zarr").checksums == store.checksums
 
 
 def test_zstd_and_crc32c_chunk_checksums_are_on(tmp_path, arrays):

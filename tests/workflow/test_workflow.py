@@ -1,15 +1,20 @@
-"""The workflow end to end on a tiny digits config, and what a rerun after each kind of edit runs."""
+"""The workflow end to end on a tiny digits config, what a rerun after each kind of edit runs, what a
+run leaves behind (logs, report, lint), GPU limits and the warm process for small jobs."""
 
 from __future__ import annotations
 
 import copy
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
 
-from workflow_utils import REPO, planned_jobs, snakemake, write_config
+from workflow_utils import REPO, environment, planned_jobs, snakemake, write_config
 
 PGD = {"eps": 8 / 255, "step": 2 / 255, "steps": 2}
 TINY = {
@@ -47,8 +52,9 @@ def job(rule, **wildcards):
 
 
 def defense_jobs(attacks, defenses):
+    """The defense jobs; `none` (kind none) has none: the aggregate reads the victim's metrics."""
     return {job("defense", dataset="digits", attack=a, training="fast", seed=0, defense=d)
-            for a in attacks for d in defenses}
+            for a in attacks for d in defenses if d != "none"}
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +83,12 @@ def test_outputs_and_backdoor_numbers(workdir):
     metrics = pd.read_csv(workdir / "results/metrics.csv")
     assert list(metrics.columns) == ["dataset", "attack", "training", "defense", "seed", "metric", "value"]
     assert set(metrics["attack"]) == set(ATTACKS) and set(metrics["defense"]) == set(DEFENSES)
-    badnets = json.loads((workdir / "results/defenses/digits/badnets/fast/seed0/none/metrics.json").read_text())
+    badnets = json.loads((workdir / "results/victims/digits/badnets/fast/seed0/metrics.json").read_text())
     assert badnets["asr"] > 0.9 and badnets["acc"] > 0.85, badnets
+    # `none` is the victim as trained: its rows are the victim's metrics, and no job copied them
+    assert not (workdir / "results/defenses/digits/badnets/fast/seed0/none").exists()
+    rows = metrics[(metrics.attack == "badnets") & (metrics.defense == "none")].set_index("metric")["value"]
+    assert rows["asr"] == pytest.approx(badnets["asr"]) and rows["acc"] == pytest.approx(badnets["acc"])
     assert 0 <= badnets["ra"] <= 1 - badnets["asr"] + 1e-9 and 0 <= badnets["pgd_acc"] <= badnets["acc"]
     aabl = json.loads((workdir / "results/defenses/digits/badnets/fast/seed0/aabl/metrics.json").read_text())
     assert 0 < aabl["gamma"] <= 1 and 0 <= aabl["rho_vul"] <= 1 and "pgd_acc" in aabl
@@ -92,6 +102,51 @@ def test_outputs_and_backdoor_numbers(workdir):
 
 def test_second_run_runs_nothing(workdir):
     assert planned_jobs(workdir) == set()
+
+
+def test_every_job_leaves_a_log(workdir):
+    logs = {p.relative_to(workdir / "results/logs").as_posix() for p in (workdir / "results/logs").rglob("*.log")}
+    expected = {"data/digits.log", "surrogate/digits/s.log", "scores/digits/s.log", "aggregate/aggregate.log"}
+    expected |= {f"poison/digits/{a}/seed0.log" for a in ATTACKS}
+    expected |= {f"victim/digits/{a}/fast/seed0.log" for a in ATTACKS}
+    expected |= {f"defense/digits/{a}/fast/seed0/{d}.log" for a in ATTACKS for d in DEFENSES if d != "none"}
+    assert logs == expected
+    victim = (workdir / "results/logs/victim/digits/badnets/fast/seed0.log").read_text()
+    assert "results/victims/digits/badnets/fast/seed0: acc=" in victim
+
+
+def test_failed_job_prints_its_log(tmp_path):
+    write_config(tmp_path, TINY)
+    (tmp_path / "results/data/digits.zarr").mkdir(parents=True)  # not a store: the poison job fails reading it
+    (tmp_path / "results/data/digits.zarr/placeholder").write_text("")
+    snakemake(tmp_path, "--touch", "results/data/digits.zarr")
+    result = snakemake(tmp_path, "results/poison/digits/badnets/seed0.zarr", check=False)
+    assert result.returncode != 0
+    log = tmp_path / "results/logs/poison/digits/badnets/seed0.log"
+    assert log.is_file() and "poisonflow poison: error:" in log.read_text()
+    assert "poisonflow poison: error:" in result.stdout + result.stderr  # --show-failed-logs (the profile)
+
+
+def test_report_shows_the_summary(workdir, tmp_path):
+    report = tmp_path / "report.html"
+    snakemake(workdir, "--report", str(report))
+    html = report.read_text()
+    assert report.stat().st_size > 100_000
+    for shown in ("summary.png", "summary.csv", "metrics.csv", "Summary", "Paper views", "mean and std over seeds"):
+        assert shown in html, shown
+
+
+def test_lint_finds_only_the_explained_finding(tmp_path):
+    write_config(tmp_path, TINY)
+    result = snakemake(tmp_path, "--lint", check=False)
+    findings = re.findall(r"^Lints for (?:rule (\S+)|snakefile (\S+)).*?:\n((?:    \*.*\n|      .*\n)+)",
+                          result.stdout + result.stderr, flags=re.MULTILINE)
+    for rule, snakefile, body in findings:
+        if (snakefile or "").endswith("triggers.smk") or rule == "trigger":
+            continue  # the trigger stage's rule file has its own owner
+        titles = re.findall(r"^    \* (.*):$", body, flags=re.MULTILINE)
+        # explained in the Snakefile's header comment
+        assert titles == ["Specify a conda environment or container for each rule."], (rule or snakefile, titles)
 
 
 def test_attack_edit_reruns_only_that_attack(workdir, edit):
@@ -121,8 +176,7 @@ def test_new_seed_adds_only_its_jobs(workdir, edit):
                                             "defense": ["none"], "seed": [7]}))
     expected = {job("poison", dataset="digits", attack="blended", seed=7),
                 job("victim", dataset="digits", attack="blended", training="fast", seed=7),
-                job("defense", dataset="digits", attack="blended", training="fast", seed=7, defense="none"),
-                job("aggregate")}
+                job("aggregate")}  # no defense job: `none` is the victim
     assert planned_jobs(workdir) == expected
 
 
@@ -202,8 +256,79 @@ def test_killed_workflow_resumes_training_on_rerun(tmp_path):
     assert (victim / "checkpoint.pt").exists() and not (victim / "metrics.json").exists()
 
     snakemake(tmp_path, "--unlock")  # a hard kill leaves Snakemake's directory lock behind
-    result = snakemake(tmp_path)
-    assert "victim: resuming from" in result.stderr
+    snakemake(tmp_path)
+    log = tmp_path / "results/logs/victim/digits/badnets/fast/seed0.log"
+    assert "victim: resuming from" in log.read_text()
     metrics = json.loads((victim / "metrics.json").read_text())
     assert metrics["asr"] > 0.9 and not (victim / "checkpoint.pt").exists()
     assert planned_jobs(tmp_path) == set()
+
+
+def trace_concurrency(trace) -> int:
+    """The most GPU jobs that were running at once, from the allocator's trace (asked … released)."""
+    events = []
+    for line in trace.read_text().splitlines():
+        _, _, asked, _, released = line.split("\t")
+        events += [(float(asked), 1), (float(released), -1)]
+    running = most = 0
+    for _, step in sorted(events, key=lambda e: (e[0], e[1])):
+        running += step
+        most = max(most, running)
+    return most
+
+
+@pytest.fixture
+def short_tmp():
+    """A folder with a short path for the warm process's socket (Unix sockets: about 100 bytes)."""
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp(prefix="pfw", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_gpu_jobs_never_outnumber_the_gpus(tmp_path, short_tmp):
+    """The README's plain `snakemake --cores N` on a machine with 2 GPUs (faked): Snakemake itself
+    starts at most 2 GPU jobs at once, so none waits on a lock file."""
+    config = copy.deepcopy(TINY)
+    config["trainings"]["fast"]["epochs"] = 1
+    config["experiments"] = [{"dataset": ["digits"], "attack": ["badnets"], "training": ["fast"],
+                              "defense": ["none"], "seed": [0, 1, 2, 3]}]
+    config["workflow"] = {"group_small_jobs": True}  # one torch import for all the jobs: a fast test
+    write_config(tmp_path, config)
+    trace = tmp_path / "trace.tsv"
+    env = {**environment(), "POISONFLOW_GPUS": "2", "POISONFLOW_GPU_TRACE": str(trace),
+           "POISONFLOW_GPU_LOCKS": str(tmp_path / "locks"), "XDG_RUNTIME_DIR": str(short_tmp)}
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--cores", "6"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"Provided resources: .*gpu=(Resource\(\"gpu\", )?2\b", result.stdout + result.stderr)
+    assert len(trace.read_text().splitlines()) == 8  # 4 poison + 4 victim jobs
+    assert trace_concurrency(trace) <= 2
+    waiting = [p for p in (tmp_path / "results/logs").rglob("*.log") if "waiting for a free GPU" in p.read_text()]
+    assert waiting == []
+
+
+def test_small_jobs_in_the_warm_process_give_the_same_results(workdir, tmp_path, short_tmp):
+    """`group_small_jobs` runs every job in a fork of one process that imported torch once: same
+    outputs, logs and caching as separate processes."""
+    config = copy.deepcopy(TINY)
+    config["experiments"] = [{"dataset": ["digits"], "attack": ["badnets"], "training": ["fast"],
+                              "defense": ["none", "fp"], "seed": [0]}]
+    config["workflow"] = {"group_small_jobs": True}
+    write_config(tmp_path, config)
+    env = {**environment(), "XDG_RUNTIME_DIR": str(short_tmp), "POISONFLOW_WARM_IDLE": "60"}
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--cores", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for path in ("victims/digits/badnets/fast/seed0/metrics.json", "defenses/digits/badnets/fast/seed0/fp/metrics.json"):
+        warm = json.loads((tmp_path / "results" / path).read_text())
+        cold = json.loads((workdir / "results" / path).read_text())
+        for key in ("acc", "asr", "ra", "pgd_acc"):
+            assert warm[key] == pytest.approx(cold[key]), (path, key)
+    assert "results/victims/digits/badnets/fast/seed0: acc=" in (
+        tmp_path / "results/logs/victim/digits/badnets/fast/seed0.log").read_text()
+    assert list(short_tmp.glob("poisonflow-warm-*.sock")) == []  # stopped at the end of the run
+    rerun = subprocess.run([*command, "--dry-run"], capture_output=True, text=True, env=env)
+    assert "Nothing to be done" in rerun.stdout + rerun.stderr

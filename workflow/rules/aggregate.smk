@@ -12,12 +12,13 @@ rule aggregate:
         figures=PLAN.configured_figures(),
     output:
         metrics=report(f"{RESULTS}/metrics.csv", caption="../report/metrics.rst", category="Summary",
-                       labels={"table": "metrics.csv (every metric of every job)"}),
+                       labels={"result": "every metric of every job (metrics.csv)"}),
         summary_csv=report(f"{RESULTS}/tables/summary.csv", caption="../report/summary_table.rst",
-                           category="Summary", labels={"table": "summary (mean ± std over seeds)"}),
+                           category="Summary", labels={"result": "summary table, mean and std over seeds"}),
         summary_md=f"{RESULTS}/tables/summary.md",
+        summary_tex=f"{RESULTS}/tables/summary.tex",
         figure=report(f"{RESULTS}/figures/summary.png", caption="../report/summary_figure.rst",
-                      category="Summary", labels={"table": "summary figure (ACC and ASR)"}),
+                      category="Summary", labels={"result": "summary figure, ACC and ASR"}),
         report=report(directory(f"{RESULTS}/report"), patterns=["{name}.png", "{name}.csv"],
                       caption="../report/views.rst", category="Paper views"),
     log:

@@ -129,7 +129,9 @@ def summary(record: dict) -> str:
     code = provenance.get("code") or {}
     add("code hash", f"{code.get('hash')} ({', '.join(code.get('modules', []))})" if code.get("hash") else None)
     versions = provenance.get("versions") or {}
-    add("versions", ", ".join(f"{k} {v}" for k, v in versions.items() if v))
+    order = ["poisonflow", "python", "torch", "torchvision", "zarr", "numcodecs", "numpy"]
+    names = [k for k in order if k in versions] + sorted(k for k in versions if k not in order)
+    add("versions", ", ".join(f"{k} {versions[k]}" for k in names if versions[k]))
     add("device", provenance.get("device"))
     add("created", provenance.get("created"))
     return "\n".join(lines)

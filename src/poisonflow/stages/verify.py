@@ -163,8 +163,8 @@ def run(args) -> int:
         raise StoreError(f"{root}: no such results folder")
     report = Report()
     walk(root, report, remove=not args.dry_run, say=(lambda line: None) if args.quiet else print)
-    names = {"stores": "stores", "models": "models", "json": "JSON files", "npz": ".npz files"}
-    counts = ", ".join(f"{n} {names[kind]}" for kind, n in report.checked.items())
+    names = {"stores": "store", "models": "model", "json": "JSON file", "npz": ".npz file"}
+    counts = ", ".join(f"{n} {names[kind]}{'' if n == 1 else 's'}" for kind, n in report.checked.items())
     if report.damaged:
         verb = "would remove" if args.dry_run else "removed"
         print(f"{root}: checked {counts}; {verb} {len(report.damaged)} damaged output(s): run snakemake "
