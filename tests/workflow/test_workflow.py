@@ -230,7 +230,6 @@ def test_deleted_store_chunk_is_refused_by_the_next_stage(workdir, tmp_path):
 
 
 def test_killed_workflow_resumes_training_on_rerun(tmp_path):
-    import os
     import signal
     import subprocess
     import sys
