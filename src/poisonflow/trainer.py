@@ -627,7 +627,7 @@ def train_model(
         state.history.append(row)
         if epoch + 1 in snapshot_epochs:
             state.snapshots[epoch + 1] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        progress.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy'] or 0.0:.3f}")
+        progress.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy'] or 0.0:.3f}", refresh=False)
         store.save(checkpoint_state(epoch + 1, model, state))
         if history:
             write_history(Path(history), state.history)
