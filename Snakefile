@@ -4,12 +4,10 @@
 # What the rules ask of the config (paths, specs, code hashes, resources) comes from
 # poisonflow.workflow_helpers.Plan, computed once per name.
 #
-# `snakemake --lint` reports one finding per rule, on purpose: "Specify a conda environment or
-# container for each rule". Every rule runs the `poisonflow` command of the environment Snakemake
-# itself runs in (pip install -e ., or environment.yml); a per-rule conda file would have to
-# install this checkout by a relative path, which breaks in the copy Snakemake builds the
-# environment from, and a named environment makes Snakemake call `conda env export` for every job
-# even without --sdm conda. There is no published container image yet.
+# Every rule names workflow/envs/poisonflow.yaml as its conda environment (so `snakemake --lint` is
+# clean); without `--sdm conda` it is not used and rules run the `poisonflow` of the environment
+# Snakemake runs in. Building it with `--sdm conda` is untested: it installs this checkout by a
+# relative path. There is no published container image yet.
 
 import os
 import sys

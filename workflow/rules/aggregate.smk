@@ -4,6 +4,8 @@
 
 
 rule aggregate:
+    conda:
+        "../envs/poisonflow.yaml"
     input:
         metrics=PLAN.defense_metrics(),
         undefended=PLAN.undefended_metrics(),

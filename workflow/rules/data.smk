@@ -1,4 +1,6 @@
 rule data:
+    conda:
+        "../envs/poisonflow.yaml"
     output:
         directory(f"{RESULTS}/data/{{dataset}}.zarr"),
     log:

@@ -1,6 +1,8 @@
 # A defenses entry of kind `none` runs no job: the aggregate reads the victim's own metrics for it
 # (results/defenses/.../<none entry>/ is not written).
 rule defense:
+    conda:
+        "../envs/poisonflow.yaml"
     input:
         clean=f"{RESULTS}/data/{{dataset}}.zarr",
         poison=f"{RESULTS}/poison/{{dataset}}/{{attack}}/seed{{seed}}.zarr",

@@ -5,6 +5,8 @@
 
 
 rule figure_forgetting:
+    conda:
+        "../envs/poisonflow.yaml"
     input:
         unpack(PLAN.forgetting_inputs),
     output:
@@ -27,6 +29,8 @@ rule figure_forgetting:
 
 
 rule figure_tsne:
+    conda:
+        "../envs/poisonflow.yaml"
     input:
         unpack(PLAN.tsne_inputs),
     output:

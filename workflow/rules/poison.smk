@@ -1,4 +1,6 @@
 rule poison:
+    conda:
+        "../envs/poisonflow.yaml"
     input:
         unpack(PLAN.poison_inputs),
     output:

@@ -1,4 +1,6 @@
 rule scores:
+    conda:
+        "../envs/poisonflow.yaml"
     input:
         clean=f"{RESULTS}/data/{{dataset}}.zarr",
         scoring=f"{RESULTS}/surrogates/{{dataset}}/{{surrogate}}/scoring.pt",

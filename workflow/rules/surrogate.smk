@@ -1,4 +1,6 @@
 rule surrogate:
+    conda:
+        "../envs/poisonflow.yaml"
     input:
         clean=f"{RESULTS}/data/{{dataset}}.zarr",
     output:

@@ -1,4 +1,6 @@
 rule victim:
+    conda:
+        "../envs/poisonflow.yaml"
     input:
         clean=f"{RESULTS}/data/{{dataset}}.zarr",
         poison=f"{RESULTS}/poison/{{dataset}}/{{attack}}/seed{{seed}}.zarr",
