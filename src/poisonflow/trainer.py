@@ -485,12 +485,40 @@ def train_step(net, batch: augment.MixedBatch, index, optimizer, schedule, stats
     labels = batch.labels
     if real is not None:
         per_sample, index, labels, output = per_sample[:real], index[:real], labels[:real], first_outputs(output, real)
-    optimizer.zero_grad(set_to_none=True)
-    per_sample.mean().backward()
-    optimizer.step()
+    descend(optimizer, per_sample.mean(), net, ctx.settings.get("grad_clip"))
     schedule.step()
     stats.add(index, per_sample.detach(), output, labels)
     return output
+
+
+def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor, net: torch.nn.Module,
+            grad_clip: float | None = None) -> None:
+    """The optimizer step every training in the package takes: gradients of ``loss``, their global
+    norm clipped to ``grad_clip`` when given, one step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(net.parameters(), float(grad_clip))
+    optimizer.step()
+
+
+def batch_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+               *, grad_clip: float | None = None, objective: Objective = CROSS_ENTROPY) -> float:
+    """One step of the trainer on a float batch that the caller made, outside an epoch loop.
+
+    For bilevel generators (error-minimizing and robust error-minimizing noise) that interleave
+    surrogate steps with updates of their perturbations: the step is the loop's (the same objective
+    with the training defaults, :func:`descend`), in train mode and full precision, on the batch as
+    given (no augmentation, no schedule). Returns the batch's mean loss.
+    """
+    model.train()
+    device = images.device
+    settings = {**DEFAULTS, "grad_clip": grad_clip}
+    runtime = RuntimeSettings(amp=False, channels_last=False, compile=False, data_on_device=True)
+    ctx = StepContext(settings, runtime, torch.Generator(), device)
+    loss = objective.loss(model, augment.MixedBatch(images, labels), ctx).loss.float().mean()
+    descend(optimizer, loss, model, grad_clip)
+    return float(loss.detach())
 
 
 def _synchronize(device: torch.device) -> None:

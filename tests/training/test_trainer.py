@@ -505,3 +505,40 @@ def test_data_digest_changes_with_any_pixel_and_any_move():
     changed = labels.copy()
     changed[0] = 1
     assert fingerprint.data_digest(images, changed) != base
+
+
+def test_batch_step_is_one_clipped_cross_entropy_step():
+    """The single step bilevel generators take equals a hand-written SGD step on the mean cross
+    entropy with the gradient norm clipped."""
+    import copy
+    torch.manual_seed(0)
+    model = build_model({"arch": "convnet", "width": 4}, 10, 8, seed=0)
+    twin = copy.deepcopy(model)
+    x, y = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 4, 5])
+    ours = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    theirs = torch.optim.SGD(twin.parameters(), lr=0.5, momentum=0.9)
+    loss = trainer.batch_step(model, ours, x, y, grad_clip=0.01)
+    twin.train()
+    expected = torch.nn.functional.cross_entropy(twin(x), y)
+    expected.backward()
+    norm = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.01)
+    assert float(norm) > 0.01  # the clip was active
+    theirs.step()
+    assert loss == pytest.approx(float(expected), rel=1e-6)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_no_module_but_the_trainer_takes_optimizer_steps():
+    """One training loop: gradients are applied in trainer.py only (the Input-Aware pattern
+    generator's own Adam steps on the gradients of the trainer's backward pass, from its hook)."""
+    from pathlib import Path
+    root = Path(trainer.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "trainer.py":
+            continue
+        for line in path.read_text().splitlines():
+            if ".backward(" in line or ".step()" in line and "optimizer" in line:
+                found.append(f"{path.relative_to(root)}: {line.strip()}")
+    assert found == ["attacks/input_aware.py: self.pattern_optimizer.step()"]

@@ -32,7 +32,7 @@ from .. import augment, fingerprint
 from ..checkpoint import Checkpoint
 from ..errors import ConfigError
 from ..models import build_model
-from ..trainer import images_to_tensor, to_float
+from ..trainer import batch_step, images_to_tensor, to_float
 
 Objective = Callable[[torch.Tensor], torch.Tensor]
 
@@ -201,15 +201,9 @@ def sgd(model: torch.nn.Module, lr: float, momentum: float, weight_decay: float)
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                grad_clip: float | None = None) -> float:
-    """One SGD step on a batch in train mode (gradient norm clipped to ``grad_clip`` if given)."""
-    model.train()
-    loss = F.cross_entropy(model(x), y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), float(grad_clip))
-    optimizer.step()
-    return float(loss.detach())
+    """One surrogate step on a batch: the trainer's :func:`~poisonflow.trainer.batch_step` (cross
+    entropy, gradient norm clipped to ``grad_clip`` if given)."""
+    return batch_step(model, optimizer, x, y, grad_clip=grad_clip)
 
 
 @torch.no_grad()
