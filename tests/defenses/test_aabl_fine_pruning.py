@@ -1,8 +1,9 @@
-"""A-ABL and fine-pruning, with their SCE loss and Otsu threshold."""
+"""A-ABL, its adversarial-training baseline and fine-pruning, with their SCE loss and Otsu threshold."""
 
 from __future__ import annotations
 
 import copy
+import csv
 import math
 
 import numpy as np
@@ -12,7 +13,7 @@ from torch import nn
 
 from poisonflow.kinds import defaults_of, settings_for
 from poisonflow.defenses import DEFENSES, DefenseContext, merge
-from poisonflow.defenses import aabl, fine_pruning
+from poisonflow.defenses import aabl, adv_train, fine_pruning
 from poisonflow.errors import ConfigError
 from poisonflow.losses import symmetric_cross_entropy
 from poisonflow.models import build_model
@@ -309,3 +310,39 @@ def test_fine_pruning_uses_the_clean_fraction_and_needs_a_victim(tmp_path):
     assert result.metrics == {"pruned_channels": 8, "clean_samples": 30}
     with pytest.raises(ConfigError, match="fine-pruning.ratio"):
         settings_for(fine_pruning.__name__, {"ratio": 1.0})
+
+
+# --- adversarial training (A-ABL's "Adv. Train" baseline) ----------------------------------------
+
+
+def test_defaults_are_madrys_cifar_budget():
+    adversarial = defaults_of(adv_train.__name__)["training"]["adversarial"]
+    assert adversarial["eps"] == pytest.approx(8 / 255) and adversarial["step"] == pytest.approx(2 / 255)
+    assert adversarial["steps"] == 10
+
+
+def test_trains_a_fresh_model_adversarially_on_every_sample(tmp_path, monkeypatch):
+    seen = {}
+    original = adv_train.train_model
+
+    def spy(model, images, labels, training, **kwargs):
+        seen.update(training=training, n=len(labels), subset=kwargs.get("subset"),
+                    fresh=all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), initial.values())))
+        return original(model, images, labels, training, **kwargs)
+
+    ctx = tiny_context(tmp_path)
+    torch.manual_seed(ctx.seed)
+    initial = {k: v.clone() for k, v in ctx.build_model().state_dict().items()}
+    monkeypatch.setattr(adv_train, "train_model", spy)
+    result = adv_train.run({"kind": "adv-train", "training": {"epochs": 2, "adversarial": {"steps": 2}}}, ctx)
+    assert seen["fresh"] and seen["n"] == 120 and seen["subset"] is None
+    assert seen["training"]["adversarial"] == {"eps": pytest.approx(8 / 255), "step": pytest.approx(2 / 255), "steps": 2}
+    assert seen["training"]["batch_size"] == TINY_TRAINING["batch_size"]  # the victim's recipe underneath
+    assert result.kept.dtype == bool and result.kept.all() and len(result.kept) == 120
+    rows = list(csv.DictReader(open(ctx.workdir / "history-adv-train.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and all(math.isfinite(float(r["loss"])) for r in rows)
+    # resumed, not retrained: a second run finds the finished checkpoint
+    again = adv_train.run({"kind": "adv-train", "training": {"epochs": 2, "adversarial": {"steps": 2}}}, ctx)
+    for a, b in zip(result.model.state_dict().values(), again.model.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert np.array_equal(result.kept, again.kept)
