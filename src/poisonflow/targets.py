@@ -3,7 +3,8 @@
 uses it when the workflow is parsed.
 
 - poisoned samples are drawn from :func:`candidates`: the target class (clean-label), the other
-  classes (dirty-label, all-to-one) or every class (all-to-all, dirty-label only);
+  classes (dirty-label, all-to-one; every class with ``poison_from: all``) or every class
+  (all-to-all, dirty-label only);
 - :func:`relabel` gives their released labels;
 - the ASR set (:func:`asr_set`) is the test images that are not already of their backdoor label,
   each labelled with the class the backdoor should send it to: the target (all-to-one), or
@@ -27,7 +28,11 @@ def candidates(labels: np.ndarray, attack: dict) -> np.ndarray:
     if all_to_all(attack):
         return np.arange(len(labels))
     target = int(attack["target"])
-    return np.flatnonzero(labels == target) if attack["label_mode"] == "clean" else np.flatnonzero(labels != target)
+    if attack["label_mode"] == "clean":
+        return np.flatnonzero(labels == target)
+    if attack.get("poison_from", "others") == "all":
+        return np.arange(len(labels))
+    return np.flatnonzero(labels != target)
 
 
 def relabel(labels: np.ndarray, attack: dict, num_classes: int) -> np.ndarray:
@@ -59,4 +64,6 @@ def poison_budget(attack: dict, class_counts: list[int]) -> tuple[int, int]:
     if attack["label_mode"] == "clean":
         eligible = int(class_counts[target])
         return eligible, int(round(attack["rate"] * eligible))
+    if attack.get("poison_from", "others") == "all":
+        return total, int(round(attack["rate"] * total))
     return total - int(class_counts[target]), int(round(attack["rate"] * total))

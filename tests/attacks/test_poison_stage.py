@@ -28,6 +28,20 @@ def test_budget_dirty_is_fraction_of_all_clean_is_fraction_of_target():
     assert poison_budget(attack(label_mode="clean", rate=0.5), counts) == (4, 2)
 
 
+def test_poisons_from_all_classes_may_be_target_class_samples():
+    counts = [4, 3, 3]
+    assert poison_budget(attack(rate=0.2, poison_from="all"), counts) == (10, 2)
+    assert select(LABELS, attack(selection="loss", poison_from="all"), 2, seed=0, scores=SCORES).tolist() == [4, 8]
+    assert select(LABELS, attack(selection="loss", poison_from="all"), 3, seed=0, scores=SCORES).tolist() == [1, 4, 8]
+    drawn = set()
+    for seed in range(30):
+        picks = select(LABELS, attack(poison_from="all"), 3, seed=seed)
+        drawn |= set(picks.tolist())
+        np.testing.assert_array_equal(picks, select(LABELS, attack(poison_from="all"), 3, seed=seed))
+    assert drawn == set(range(10))  # every class, the target's included
+    assert set(select(LABELS, attack(poison_from="others"), 6, seed=0)) == {4, 5, 6, 7, 8, 9}
+
+
 def test_hardest_selection_takes_top_scores_in_the_candidate_pool():
     clean = attack(label_mode="clean", selection="loss")
     assert select(LABELS, clean, 2, seed=0, scores=SCORES).tolist() == [1, 3]
