@@ -20,6 +20,12 @@ dynamics (correctness and loss of the training forward, before the step) are rec
 with CutMix/Mixup they are measured against each sample's own label. A checkpoint
 (:mod:`poisonflow.checkpoint`) is written atomically after every epoch and resumed only by a run
 with the same :func:`training_digest`; the per-epoch history can be written as CSV.
+
+The training set may also be float feature rows (N, D) instead of uint8 NHWC images (the per-class
+flows of GSSD train on standardized self-supervised features): the rows are kept as float32, a
+batch is its rows as they are (no /255), ``augment`` must be empty and ``channels_last`` is off
+(``auto``) or refused (``true``); shuffling, checkpoints, history, resume, ``subset``/``weights`` and
+the callbacks are the image path's.
 """
 
 from __future__ import annotations
@@ -65,6 +71,25 @@ def to_float(batch_u8: torch.Tensor) -> torch.Tensor:
     return batch_u8.float().div_(255.0)
 
 
+def feature_rows(data) -> bool:
+    """Whether a training set is feature rows (N, D) rather than images (N, H, W, C)."""
+    return np.ndim(data) == 2
+
+
+def data_to_tensor(data: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The training set as the loop holds it: uint8 (N, C, H, W) images, or float32 (N, D) feature rows."""
+    if feature_rows(data):
+        return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).to(device)
+    return images_to_tensor(data, device)
+
+
+def check_feature_settings(settings: dict) -> None:
+    """Feature rows are not images: no image augmentation or label mixing applies to them."""
+    names = list(settings["augment"])
+    if names:
+        raise ConfigError(f"training.augment: feature rows (N, D) take no augmentation, got {names} (set augment: [])")
+
+
 def with_defaults(training: dict) -> dict:
     """``training`` with its missing top-level keys taken from :data:`DEFAULTS`.
 
@@ -80,11 +105,12 @@ def make_optimizer(params, spec: dict) -> torch.optim.Optimizer:
     name = spec.get("name", "sgd")
     lr = float(spec["lr"])
     wd = float(spec.get("weight_decay", 0.0))
+    betas = tuple(float(b) for b in spec.get("betas", (0.9, 0.999)))
     factories: dict[str, Callable] = {
         "sgd": lambda: torch.optim.SGD(params, lr=lr, momentum=float(spec.get("momentum", 0.9)),
                                        weight_decay=wd, nesterov=bool(spec.get("nesterov", False))),
-        "adam": lambda: torch.optim.Adam(params, lr=lr, weight_decay=wd),
-        "adamw": lambda: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
+        "adam": lambda: torch.optim.Adam(params, lr=lr, weight_decay=wd, betas=betas),
+        "adamw": lambda: torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=betas),
     }
     if name not in factories:
         raise ConfigError(f"optimizer.name: unknown optimizer '{name}' (known: {', '.join(sorted(factories))})")
@@ -146,11 +172,16 @@ class RuntimeSettings:
     data_on_device: bool
 
     @classmethod
-    def resolve(cls, training: dict, device: torch.device, data_bytes: int) -> "RuntimeSettings":
+    def resolve(cls, training: dict, device: torch.device, data_bytes: int,
+                features: bool = False) -> "RuntimeSettings":
+        """``features``: the data are feature rows (N, D), which have no channels to lay out."""
         cuda = device.type == "cuda"
+        channels_last = switch(training["channels_last"], "channels_last", cuda and not features)
+        if features and channels_last:
+            raise ConfigError("training.channels_last: feature rows (N, D) have no channels (set auto or false)")
         return cls(
             amp=switch(training["amp"], "amp", cuda and torch.cuda.is_bf16_supported()),
-            channels_last=switch(training["channels_last"], "channels_last", cuda),
+            channels_last=channels_last,
             compile=switch(training["compile"], "compile", cuda),
             data_on_device=switch(training["data_on_device"], "data_on_device", fits_on_device(data_bytes, device)),
         )
@@ -172,10 +203,11 @@ def autocast(device: torch.device, enabled: bool):
 # -- where the training set lives ------------------------------------------------------------
 
 class ResidentData:
-    """The whole uint8 (N, C, H, W) training set on the device; batches are gathered there."""
+    """The whole uint8 (N, C, H, W) training set (or float32 (N, D) rows) on the device; batches are
+    gathered there."""
 
     def __init__(self, images: np.ndarray, device: torch.device):
-        self.images = images_to_tensor(images, device)
+        self.images = data_to_tensor(images, device)
 
     def batches(self, order: torch.Tensor, order_device: torch.Tensor, batch_size: int
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -191,12 +223,13 @@ class StreamedData:
     def __init__(self, images: np.ndarray, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
-        self.images = images_to_tensor(images, "cpu")
+        self.images = data_to_tensor(images, "cpu")
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
 
     def send(self, rows: torch.Tensor):
         """Gather ``rows`` on the host and start their copy; returns (tensor, ready event)."""
-        staged = torch.empty((len(rows),) + tuple(self.images.shape[1:]), dtype=torch.uint8, pin_memory=self.cuda)
+        staged = torch.empty((len(rows),) + tuple(self.images.shape[1:]), dtype=self.images.dtype,
+                             pin_memory=self.cuda)
         torch.index_select(self.images, 0, rows, out=staged)
         if not self.cuda:
             return staged, None
@@ -571,6 +604,9 @@ def train_model(
 ) -> TrainResult:
     """Train ``model`` on uint8 NHWC ``images`` with int ``labels`` per a resolved ``trainings:`` entry.
 
+    ``images`` may instead be float feature rows (N, D), trained on as float32 without conversion or
+    augmentation (``augment`` must be empty; ``channels_last`` is off).
+
     ``training`` keys (missing ones take :data:`DEFAULTS`): epochs, batch_size,
     optimizer{name, lr, momentum, weight_decay, nesterov},
     schedule{name, milestones, gamma, pct_start, div_factor, final_div_factor, anneal},
@@ -588,12 +624,16 @@ def train_model(
     """
     device = torch.device(device)
     settings = with_defaults(training)
+    features = feature_rows(images)
+    if features:
+        check_feature_settings(settings)
+        images = np.ascontiguousarray(images, dtype=np.float32)
     pool_indices = None if subset is None else selected_indices(subset, len(labels))
     digest = training_digest(model, images, labels, settings, seed=seed, subset=pool_indices, weights=weights,
                              record_dynamics=record_dynamics, snapshot_epochs=snapshot_epochs, objective=objective)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    runtime = RuntimeSettings.resolve(settings, device, int(np.asarray(images).nbytes))
+    runtime = RuntimeSettings.resolve(settings, device, int(np.asarray(images).nbytes), features)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     model.to(device)

@@ -215,6 +215,9 @@ def test_one_cycle_schedule_warms_up_then_anneals():
 def test_adamw_and_unknown_names_name_the_key():
     parameter = torch.nn.Parameter(torch.zeros(1))
     assert isinstance(trainer.make_optimizer([parameter], {"name": "adamw", "lr": 1e-3}), torch.optim.AdamW)
+    assert trainer.make_optimizer([parameter], {"name": "adam", "lr": 1e-3}).param_groups[0]["betas"] == (0.9, 0.999)
+    adam = trainer.make_optimizer([parameter], {"name": "adam", "lr": 1e-3, "betas": [0.5, 0.9]})
+    assert adam.param_groups[0]["betas"] == (0.5, 0.9)
     with pytest.raises(ConfigError, match=r"^schedule\.name: unknown schedule 'step'"):
         trainer.make_schedule(torch.optim.SGD([parameter], lr=0.1), {"name": "step"}, 1, 1)
 

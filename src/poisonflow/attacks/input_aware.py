@@ -43,7 +43,6 @@ Departures from the official code, all deliberate:
   Adam after every trainer step (its state travels in the module's state dict, so the trainer's
   checkpoint resumes it). G's gradients are zeroed after each step — the official code never
   zeroes them (it accumulates them over the whole run); TrojanZoo zeroes them too;
-- mask pre-training uses the trainer's Adam, whose betas are (0.9, 0.999), not the official (0.5, 0.9);
 - the diversity term pairs the backdoor images with x2[nb:2nb] even when p_cross ≠ p_attack (the
   official code needs them equal); a batch with no backdoor sample (a short last batch) has no
   diversity term instead of a NaN;
@@ -294,7 +293,8 @@ def joint_objective(spec: dict, second: SecondBatches, mask: Generator):
 def mask_training(spec: dict) -> dict:
     optimizer = spec["mask_optimizer"]
     return {"epochs": int(spec["mask_epochs"]), "batch_size": int(spec["batch_size"]),
-            "optimizer": {"name": "adam", "lr": float(optimizer["lr"]), "weight_decay": 0.0},
+            "optimizer": {"name": "adam", "lr": float(optimizer["lr"]), "weight_decay": 0.0,
+                          "betas": [float(b) for b in optimizer["betas"]]},
             "schedule": {"name": "multistep", "milestones": list(optimizer["milestones"]),
                          "gamma": float(optimizer["gamma"])},
             "augment": list(spec["augment"]), "crop_padding": int(spec["crop_padding"]), "adversarial": None,
