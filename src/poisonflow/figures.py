@@ -252,3 +252,32 @@ def tsne_panels(panels: dict, path: str | os.PathLike, class_names: list[str] | 
                title="class" if classes else None, title_fontsize=8)
     fig.tight_layout(rect=(0, 0, 1 - 1.5 / (4 * len(panels) + 1.6), 1))
     return save_figure(fig, path)
+
+
+def score_distributions(scores: dict, poisoned: np.ndarray, path: str | os.PathLike,
+                        thresholds: dict | None = None, title: str = "") -> Path:
+    """One histogram panel per named per-sample score (e.g. SCE before and after a perturbation),
+    clean and poisoned training samples in separate colours (counts on a log axis: the poisons are
+    few), each threshold of ``thresholds`` drawn as a dashed line on its panel."""
+    plt = _pyplot()
+    poisoned = np.asarray(poisoned, dtype=bool)
+    thresholds = thresholds or {}
+    fig, axes = plt.subplots(1, len(scores), figsize=(4.2 * len(scores), 3.2), squeeze=False)
+    for ax, (name, values) in zip(axes[0], scores.items()):
+        values = np.asarray(values, dtype=np.float64)
+        edges = np.histogram_bin_edges(values, bins=40)
+        ax.hist(values[~poisoned], bins=edges, color="tab:blue", alpha=0.65, label=f"clean ({int((~poisoned).sum())})")
+        if poisoned.any():
+            ax.hist(values[poisoned], bins=edges, color="tab:red", alpha=0.75, label=f"poisoned ({int(poisoned.sum())})")
+        if name in thresholds:
+            ax.axvline(thresholds[name], color="black", linestyle="--", linewidth=1.2,
+                       label=f"threshold {thresholds[name]:.2f}")
+        ax.set_yscale("log")
+        ax.set_xlabel(name)
+        ax.set_ylabel("# training samples")
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, path)

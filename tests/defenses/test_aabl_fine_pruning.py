@@ -174,7 +174,7 @@ def test_split_keeps_the_vulnerable_and_removes_the_robust():
     images, labels = grey_images(levels), (np.array(levels) > 127.5).astype(np.int64)
     slope = 20.0
     model = MeanBrightness(pixels=12, slope=slope)
-    split = merge(defaults_of(aabl.__name__)["split"], {"eps": 0.1, "steps": 5, "batch_size": 5})
+    split = merge(defaults_of(aabl.__name__)["split"], {"eps": 0.1, "steps": 5, "step": None, "batch_size": 5})
 
     result = aabl.split_by_vulnerability(model, images, labels, split)
 
@@ -191,7 +191,7 @@ def test_split_keeps_the_vulnerable_and_removes_the_robust():
 def test_split_with_sce_attack_loss_agrees_on_a_linear_model():
     levels = [10, 30, 225, 245, 115, 125, 130, 140]
     images, labels = grey_images(levels), (np.array(levels) > 127.5).astype(np.int64)
-    split = merge(defaults_of(aabl.__name__)["split"], {"eps": 0.1, "attack_loss": "sce"})
+    split = merge(defaults_of(aabl.__name__)["split"], {"eps": 0.1, "step": None, "attack_loss": "sce"})
     result = aabl.split_by_vulnerability(MeanBrightness(12, 20.0), images, labels, split)
     np.testing.assert_array_equal(result.kept, [False] * 4 + [True] * 4)
 
@@ -232,6 +232,18 @@ def test_aabl_runs_end_to_end_and_resumes_from_its_checkpoints(tmp_path):
                                                stage3_training, seed=0, subset=result.kept)
     assert stage1["epoch"] == 2 and stage3["epoch"] == 1
 
+    # the split's scores: SCE of the stage-1 model on the unperturbed samples, and after iFGSM (never lower)
+    before, after = result.sample_scores["SCE before iFGSM"], result.sample_scores["SCE after iFGSM"]
+    stage1_model = aabl.fresh_model(ctx)
+    stage1_model.load_state_dict(stage1["model"])
+    stage1_model.eval()
+    with torch.no_grad():
+        direct = symmetric_cross_entropy(stage1_model(to_float(images_to_tensor(ctx.train_images))),
+                                         torch.as_tensor(ctx.train_labels), 0.1, 1.0).double().numpy()
+    np.testing.assert_allclose(before, direct, rtol=1e-5, atol=1e-6)
+    assert (after >= before - 1e-5).mean() > 0.95
+    np.testing.assert_array_equal(result.kept, after > result.thresholds["SCE after iFGSM"])
+
     # a rerun loads both stages and the split instead of recomputing them
     again = aabl.run(AABL_SPEC, ctx)
     np.testing.assert_array_equal(again.kept, result.kept)
@@ -252,6 +264,7 @@ def test_aabl_defaults_follow_the_paper():
     assert defaults_of(aabl.__name__)["stage1"]["epochs"] == 20
     assert defaults_of(aabl.__name__)["stage1"]["optimizer"] == {"name": "adam", "lr": 1e-3, "weight_decay": 0.0}
     assert defaults_of(aabl.__name__)["split"]["eps"] == 2 / 255 and defaults_of(aabl.__name__)["split"]["steps"] == 5
+    assert defaults_of(aabl.__name__)["split"]["step"] == pytest.approx(2 / 255)  # "a step size equal to 2/255"
     assert (defaults_of(aabl.__name__)["split"]["sce_alpha"], defaults_of(aabl.__name__)["split"]["sce_beta"]) == (0.1, 1.0)
     assert defaults_of(aabl.__name__)["stage3"]["adversarial"] == {"eps": 8 / 255, "step": 2 / 255, "steps": 10}
 
@@ -346,3 +359,23 @@ def test_trains_a_fresh_model_adversarially_on_every_sample(tmp_path, monkeypatc
     for a, b in zip(result.model.state_dict().values(), again.model.state_dict().values()):
         torch.testing.assert_close(a, b)
     assert np.array_equal(result.kept, again.kept)
+
+
+def test_the_defense_stage_stores_and_plots_a_splits_scores(tmp_path):
+    from poisonflow.defenses import DefenseResult
+    from poisonflow.stages.defense import write_sample_scores
+
+    rng = np.random.default_rng(0)
+    poisoned = np.zeros(50, bool)
+    poisoned[:5] = True
+    after = np.where(poisoned, 0.1, 5.0) + rng.random(50)
+    result = DefenseResult(model=None, kept=after > 2.0, sample_scores={"before": after / 2, "after": after},
+                           thresholds={"after": 2.0})
+    write_sample_scores(tmp_path, result, poisoned, "aabl, seed 0")
+    stored = np.load(tmp_path / "scores.npz")
+    assert sorted(stored.files) == ["after", "before", "kept", "poisoned"]
+    np.testing.assert_array_equal(stored["after"], after)
+    np.testing.assert_array_equal(stored["kept"], ~poisoned)
+    np.testing.assert_array_equal(stored["poisoned"], poisoned)
+    assert (tmp_path / "scores.png").stat().st_size > 5000 and (tmp_path / "scores.pdf").exists()
+

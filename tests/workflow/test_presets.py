@@ -53,6 +53,9 @@ EXPECTED = {
     # 12 attacks (the clean reference, 11 backdoors) × 3 seeds; the `clean` and `robust` surrogates,
     # one learned trigger (TrojanNN's)
     "trigger-zoo-digits.yaml": {"victim": 14 * 3, "poison": 14 * 3, "surrogate": 2, "trigger": 3},
+    # the default's three experiments at 32 px: (2 + 4 + 4) attacks × 3 seeds, a poison job and a
+    # victim each; A-ABL and fine-pruning against badnets and blended
+    "digits-32px.yaml": {"victim": 30, "poison": 30, "defense": 12, "surrogate": 1, "scores": 1},
 }
 
 

@@ -47,6 +47,11 @@ class DefenseResult:
     # triggered) and the defense's own decision for each; scored as AUROC / TPR / FPR by the stage
     input_scores: np.ndarray | None = None
     input_flags: np.ndarray | None = None
+    # splitting defenses: named per-training-sample scores (e.g. A-ABL's SCE before and after the
+    # perturbation) and the thresholds drawn on them; the stage stores them next to the model and
+    # plots them split by ground truth after the defense has returned
+    sample_scores: dict = field(default_factory=dict)
+    thresholds: dict = field(default_factory=dict)
 
 
 

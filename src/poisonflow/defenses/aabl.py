@@ -1,12 +1,20 @@
 """A-ABL: adversarially robust anti-backdoor learning in three stages.
 
 1. Naive training on the whole released training set (Adam, lr 1e-3, constant, 20 epochs).
-2. Split by adversarial vulnerability: iFGSM (ε = 2/255, 5 steps) against the stage-1 model,
+2. Split by adversarial vulnerability: iFGSM (ε = 2/255, step 2/255, 5 steps) against the stage-1 model,
    per-sample symmetric cross entropy of the adversarial examples, Otsu threshold. Samples the
    attack cannot push to a high loss are intrinsically robust — where patch-trigger poisons
    ("Category A") end up — and are removed; the vulnerable rest D_vul is kept.
 3. PGD adversarial training of a fresh model on D_vul (ε = 8/255, step 2/255, 10 steps), which
    suppresses the poisons that survived the split because their triggers are fragile.
+
+The losses, in the paper's words. The split is measured on SCE: "To enlarge the distance between
+adversarially robust and vulnerable samples for better splitting, we use SCE loss to raise the
+weight on the ground-truth label of each sample" (Sec. 4), with "OTSU [53] to search for the
+threshold with the maximal variance between two clusters" on that SCE distribution (Fig. 9). Which
+loss iFGSM itself ascends is not stated: ``split.attack_loss`` (default ce, the standard iFGSM).
+The iFGSM step is the paper's 2/255 ("By using iFGSM with a step size equal to 2/255", Sec. 3), so
+its first step already reaches the ε = 2/255 budget.
 
 Both training stages and the split are checkpointed in the defense's work directory, so a killed
 job resumes where it stopped. The defense never sees which samples are poisoned.
@@ -50,6 +58,7 @@ class VulnerabilitySplit:
     kept: np.ndarray  # bool (N,): adversarially vulnerable samples, D_vul
     threshold: float  # Otsu threshold on the SCE of the adversarial examples
     losses: np.ndarray  # float (N,): that per-sample SCE
+    clean_losses: np.ndarray | None = None  # float (N,): the SCE of the unperturbed samples
 
 
 def fresh_model(ctx: DefenseContext) -> torch.nn.Module:
@@ -68,31 +77,36 @@ def naive_training(ctx: DefenseContext, stage1: dict) -> torch.nn.Module:
 
 
 def adversarial_sce(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, split: dict,
-                    device: torch.device | str = "cpu") -> np.ndarray:
-    """Per-sample SCE of iFGSM adversarial examples of uint8 NHWC ``images`` (model in eval mode)."""
+                    device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample SCE of uint8 NHWC ``images`` and of their iFGSM adversarial examples (model in
+    eval mode): (before, after)."""
     model.eval()
     attack_loss = ATTACK_LOSSES[split["attack_loss"]](split)
     eps, steps = float(split["eps"]), int(split["steps"])
     step = None if split["step"] is None else float(split["step"])
     batch_size = int(split["batch_size"])
-    losses = []
+    losses, clean_losses = [], []
     for start in tqdm(range(0, len(images), batch_size), desc="aabl split", unit="batch", leave=False,
                       dynamic_ncols=True):
         x = to_float(images_to_tensor(images[start:start + batch_size], device))
         y = torch.as_tensor(np.asarray(labels[start:start + batch_size]), dtype=torch.long, device=device)
         x_adv = ifgsm(model, x, y, eps, steps, step, loss_fn=attack_loss)
         with torch.no_grad():
-            losses.append(symmetric_cross_entropy(model(x_adv), y, float(split["sce_alpha"]),
-                                                  float(split["sce_beta"])).cpu())
-    return torch.cat(losses).double().numpy() if losses else np.zeros(0)
+            for batch, out in ((x, clean_losses), (x_adv, losses)):
+                out.append(symmetric_cross_entropy(model(batch), y, float(split["sce_alpha"]),
+                                                   float(split["sce_beta"])).cpu())
+
+    def joined(parts):
+        return torch.cat(parts).double().numpy() if parts else np.zeros(0)
+    return joined(clean_losses), joined(losses)
 
 
 def split_by_vulnerability(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, split: dict,
                            device: torch.device | str = "cpu") -> VulnerabilitySplit:
     """Stage 2: keep the samples whose adversarial SCE lies above the Otsu threshold."""
-    losses = adversarial_sce(model, images, labels, split, device)
+    clean_losses, losses = adversarial_sce(model, images, labels, split, device)
     threshold = otsu_threshold(losses, bins=int(split["bins"]))
-    return VulnerabilitySplit(kept=losses > threshold, threshold=threshold, losses=losses)
+    return VulnerabilitySplit(kept=losses > threshold, threshold=threshold, losses=losses, clean_losses=clean_losses)
 
 
 def cached_split(model: torch.nn.Module, ctx: DefenseContext, split: dict) -> VulnerabilitySplit:
@@ -106,12 +120,12 @@ def cached_split(model: torch.nn.Module, ctx: DefenseContext, split: dict) -> Vu
     def compute() -> dict:
         result = split_by_vulnerability(model, ctx.train_images, ctx.train_labels, split, ctx.device)
         return {"kept": torch.from_numpy(result.kept), "threshold": float(result.threshold),
-                "losses": torch.from_numpy(result.losses)}
+                "losses": torch.from_numpy(result.losses), "clean_losses": torch.from_numpy(result.clean_losses)}
 
     digest = fingerprint.digest(split, fingerprint.data_digest(ctx.train_images, ctx.train_labels), model)
     stored = checkpoints.cached(Path(ctx.workdir) / "split.pt", digest, compute)
     return VulnerabilitySplit(kept=stored["kept"].numpy(), threshold=float(stored["threshold"]),
-                              losses=stored["losses"].numpy())
+                              losses=stored["losses"].numpy(), clean_losses=stored["clean_losses"].numpy())
 
 
 def adversarial_training(ctx: DefenseContext, kept: np.ndarray, stage3: dict) -> torch.nn.Module:
@@ -131,4 +145,6 @@ def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
     split = cached_split(stage1_model, ctx, resolved["split"])
     model = adversarial_training(ctx, split.kept, resolved["stage3"])
     metrics = {"gamma": float(split.kept.mean()), "threshold": float(split.threshold)}
-    return DefenseResult(model=model, metrics=metrics, kept=split.kept)
+    return DefenseResult(model=model, metrics=metrics, kept=split.kept,
+                         sample_scores={"SCE before iFGSM": split.clean_losses, "SCE after iFGSM": split.losses},
+                         thresholds={"SCE after iFGSM": float(split.threshold)})

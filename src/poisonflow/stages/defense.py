@@ -32,7 +32,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--victim-dir", required=True, metavar="DIR",
                         help="the victim's folder (model.pt, metrics.json)")
     parser.add_argument("--out-dir", required=True, metavar="DIR",
-                        help="output folder: model.pt, model.json, metrics.json, training histories")
+                        help="output folder: model.pt, model.json, metrics.json, training histories, and a "
+                             "splitting defense's per-sample scores (scores.npz, scores.png)")
     parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
 
 
@@ -69,6 +70,25 @@ def detection_metrics(truth: np.ndarray, scores: np.ndarray | None, flags: np.nd
         out["tpr"] = float(flags[truth].mean())
         out["fpr"] = float(flags[~truth].mean())
     return out
+
+
+def write_sample_scores(out: Path, result, poisoned: np.ndarray, title: str) -> None:
+    """A splitting defense's per-sample scores: ``scores.npz`` (each score under its name, the
+    samples kept, the ground-truth poison flags) and their distributions, clean vs poisoned, in
+    ``scores.png`` (and ``.pdf``)."""
+    from ..checkpoint import atomic_write
+    from ..figures import score_distributions
+
+    arrays = {name: np.asarray(values) for name, values in result.sample_scores.items()}
+    if result.kept is not None:
+        arrays["kept"] = np.asarray(result.kept, dtype=bool)
+    arrays["poisoned"] = np.asarray(poisoned, dtype=bool)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:  # a file object: savez would append .npz to a path
+            np.savez(handle, **arrays)
+
+    atomic_write(out / "scores.npz", write)
+    score_distributions(result.sample_scores, poisoned, out / "scores.png", result.thresholds, title)
 
 
 def defender_context(clean, poisoned, **rest) -> DefenseContext:
@@ -122,6 +142,8 @@ def run(args) -> None:
         metrics["gamma"] = float(kept.mean())
         metrics["rho_vul"] = float(truth[kept].mean()) if kept.any() else 0.0
         metrics["poison_removed"] = float((~kept[truth]).mean()) if truth.any() else 0.0
+    if result.sample_scores:  # plotted against ground truth, after the defense has finished
+        write_sample_scores(out, result, poisoned["train/poisoned"], f"{args.name}, seed {args.seed}")
     if result.input_scores is not None or result.input_flags is not None:
         metrics.update(detection_metrics(screen_truth, result.input_scores, result.input_flags))
     before = read_json(Path(args.victim_dir) / "metrics.json")
