@@ -1,4 +1,4 @@
-# poisonflow: data → surrogate → scores → trigger → poison → victim → defense → aggregate.
+# poisonflow: data → surrogate → scores → trigger → poison → features → victim → defense → aggregate.
 # Every rule shells out to `poisonflow <stage>`; its params carry the resolved config entry it
 # depends on and a hash of the source it runs, so an edit reruns exactly what it invalidates.
 # What the rules ask of the config (paths, specs, code hashes, resources) comes from
@@ -40,6 +40,7 @@ include: "workflow/rules/surrogate.smk"
 include: "workflow/rules/scores.smk"
 include: "workflow/rules/triggers.smk"
 include: "workflow/rules/poison.smk"
+include: "workflow/rules/features.smk"
 include: "workflow/rules/victim.smk"
 include: "workflow/rules/defense.smk"
 include: "workflow/rules/figures.smk"

@@ -33,9 +33,10 @@ def write_config(workdir: Path, config: dict) -> None:
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def planned_jobs(workdir: Path) -> set[tuple]:
-    """(rule, wildcards...) of every job a dry run would execute, ``all`` excluded."""
-    result = snakemake(workdir, "--dry-run")
+def planned_jobs(workdir: Path, *targets: str) -> set[tuple]:
+    """(rule, wildcards...) of every job a dry run (of ``targets``, default the default target)
+    would execute, ``all`` excluded."""
+    result = snakemake(workdir, "--dry-run", *targets)
     text = result.stdout + result.stderr
     jobs = set()
     for block in re.split(r"\n(?=(?:local)?rule \S+:)", text):

@@ -74,9 +74,9 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> to
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Flip each image left-right with probability 1/2."""
-    flip = to_device(torch.rand(x.shape[0], generator=generator) < 0.5, x.device)
+def random_flip(x: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    """Flip each image left-right with probability ``p`` (1/2 by default)."""
+    flip = to_device(torch.rand(x.shape[0], generator=generator) < p, x.device)
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
 
 
@@ -150,6 +150,139 @@ def random_resized_crop(x: torch.Tensor, scale, ratio, generator: torch.Generato
     n, _, height, width = x.shape
     boxes = sample_resized_crop_boxes(n, height, width, scale, ratio, generator)
     return resized_crop(x, to_device(boxes, x.device))
+
+
+# -- colour: jitter and grayscale (SimCLR's views) --------------------------------------------
+# Per-image versions of torchvision's tensor kernels (``adjust_brightness``, ``adjust_contrast``,
+# ``adjust_saturation``, ``adjust_hue``, ``rgb_to_grayscale``): image i with factor f_i gives what
+# the torchvision kernel gives for that image and f_i (up to float rounding in the hue conversion).
+
+LUMA = (0.2989, 0.587, 0.114)  # torchvision's (ITU-R 601-2) grayscale weights
+
+
+def luma(x: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) float grayscale of float RGB images (N, 3, H, W)."""
+    r, g, b = x.unbind(1)
+    return (r * LUMA[0] + g * LUMA[1] + b * LUMA[2]).unsqueeze(1)
+
+
+def per_image(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(N,) CPU values as (N, 1, 1, 1) on ``x``'s device, to broadcast over each image."""
+    return to_device(values.to(torch.float32), x.device).view(-1, 1, 1, 1)
+
+
+def blend(a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """factor·a + (1 − factor)·b, clamped to [0, 1] (torchvision's blend, a factor per image)."""
+    return (a * factor + b * (1.0 - factor)).clamp_(0.0, 1.0)
+
+
+def scale_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (x * factor).clamp_(0.0, 1.0)
+
+
+def scale_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend each image with the mean of its grayscale."""
+    return blend(x, luma(x).mean(dim=(1, 2, 3), keepdim=True), factor)
+
+
+def scale_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend each image with its grayscale."""
+    return blend(x, luma(x), factor)
+
+
+def rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hue in [0, 1), saturation and value of float RGB images, each (N, H, W); grey pixels get hue 0."""
+    r, g, b = x.unbind(1)
+    high, low = x.amax(1), x.amin(1)
+    spread = high - low
+    grey = spread == 0  # also every black pixel: no hue, no saturation, and no division by zero
+    saturation = spread / torch.where(grey, torch.ones_like(high), high)
+    divisor = torch.where(grey, torch.ones_like(spread), spread)
+    rc, gc, bc = (high - r) / divisor, (high - g) / divisor, (high - b) / divisor
+    hue = torch.where(high == r, bc - gc, torch.where(high == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    hue = torch.where(grey, torch.zeros_like(hue), hue)
+    return (hue / 6.0 + 1.0).fmod(1.0), saturation, high
+
+
+# For each of the six hue sectors, which of (v, p, q, t) are its red, green and blue.
+HSV_SECTORS = torch.tensor([(0, 3, 1), (2, 0, 1), (1, 0, 3), (1, 2, 0), (3, 1, 0), (0, 1, 2)])
+
+
+def hsv_to_rgb(hue: torch.Tensor, saturation: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) RGB of hue in [0, 1), saturation and value, each (N, H, W)."""
+    scaled = hue * 6.0
+    sector = torch.floor(scaled)
+    fraction = scaled - sector
+    p = ((1.0 - saturation) * value).clamp(0.0, 1.0)
+    q = ((1.0 - saturation * fraction) * value).clamp(0.0, 1.0)
+    t = ((saturation * fraction + (1.0 - saturation)) * value).clamp(0.0, 1.0)
+    candidates = torch.stack([value, p, q, t], dim=1)  # (N, 4, H, W)
+    table = to_device(HSV_SECTORS, hue.device)
+    select = table[sector.long().remainder(6)].permute(0, 3, 1, 2)  # (N, 3, H, W) indices into candidates
+    return candidates.gather(1, select)
+
+
+def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate each image's hue by ``shift`` (N, 1, 1, 1), a fraction of the hue circle in [−0.5, 0.5]."""
+    hue, saturation, value = rgb_to_hsv(x)
+    return hsv_to_rgb((hue + shift.view(-1, 1, 1)).remainder(1.0), saturation, value)
+
+
+# Colour jitter's adjustments in torchvision's numbering (brightness, contrast, saturation, hue);
+# each takes float images and a per-image factor (N, 1, 1, 1).
+COLOR_ADJUSTMENTS: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = (
+    scale_brightness, scale_contrast, scale_saturation, shift_hue)
+
+
+def jitter_factors(n: int, brightness: float, contrast: float, saturation: float, hue: float,
+                   generator: torch.Generator) -> torch.Tensor:
+    """(n, 4) CPU factors as ``ColorJitter`` draws them: brightness, contrast and saturation uniform in
+    [max(0, 1 − s), 1 + s], the hue shift uniform in [−h, h]."""
+    low = torch.tensor([max(0.0, 1.0 - brightness), max(0.0, 1.0 - contrast), max(0.0, 1.0 - saturation), -hue])
+    high = torch.tensor([1.0 + brightness, 1.0 + contrast, 1.0 + saturation, hue])
+    return low + (high - low) * torch.rand(n, 4, generator=generator)
+
+
+def adjust_colors(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
+                  applied: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply image i's four adjustments (``factors[i]``: brightness, contrast, saturation factors and
+    hue shift) in the order ``order[i]`` (a permutation of 0..3); images with ``applied`` False (CPU
+    bool) are left as they are. Each (position, adjustment) runs once on the images that have it there."""
+    n = x.shape[0]
+    applied = torch.ones(n, dtype=torch.bool) if applied is None else applied
+    out = x.clone()
+    for position in range(4):
+        for adjustment, adjust in enumerate(COLOR_ADJUSTMENTS):
+            rows = (applied & (order[:, position] == adjustment)).nonzero().squeeze(1)
+            if len(rows) == 0:
+                continue
+            device_rows = to_device(rows, x.device)
+            out[device_rows] = adjust(out[device_rows], per_image(factors[rows, adjustment], x))
+    return out
+
+
+def on_float(x: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``transform`` of float images in [0, 1]; a uint8 batch is converted and rounded back."""
+    if x.is_floating_point():
+        return transform(x)
+    return transform(x.float().div(255.0)).mul_(255.0).round_().to(x.dtype)
+
+
+def color_jitter(x: torch.Tensor, brightness: float, contrast: float, saturation: float, hue: float, p: float,
+                 generator: torch.Generator) -> torch.Tensor:
+    """``RandomApply([ColorJitter(brightness, contrast, saturation, hue)], p)`` per image: with probability
+    ``p`` an image gets its own four factors, applied in its own random order."""
+    n = x.shape[0]
+    applied = torch.rand(n, generator=generator) < p
+    factors = jitter_factors(n, brightness, contrast, saturation, hue, generator)
+    order = torch.argsort(torch.rand(n, 4, generator=generator), dim=1)  # a uniform permutation per image
+    return on_float(x, lambda images: adjust_colors(images, factors, order, applied))
+
+
+def random_grayscale(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Replace each image by its grayscale (in all three channels) with probability ``p``."""
+    gray = to_device(torch.rand(x.shape[0], generator=generator) < p, x.device)
+    return torch.where(gray.view(-1, 1, 1, 1), on_float(x, lambda images: luma(images).expand_as(images)), x)
 
 
 # -- Cutout ----------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ STAGES = {
     "trigger": ("poisonflow.stages.trigger", True, "train a generators entry (a learned trigger) on the clean store"),
     "poison": ("poisonflow.stages.poison", True, "build a poisoned store (backdoor or unlearnable examples)"),
     "protect": ("poisonflow.stages.protect", True, "protect new images (a folder or a store) sample by sample, as the poison stage would"),
+    "features": ("poisonflow.stages.features", True,
+                 "self-supervised (SimCLR) or CLIP features of a poisoned store's released training set"),
     "victim": ("poisonflow.stages.victim", True, "train a model on a poisoned store and evaluate it"),
     "defense": ("poisonflow.stages.defense", True, "run a defense and evaluate the defended model"),
     "figures": ("poisonflow.stages.figures", False, "draw one entry of the figures: section from stored artifacts"),

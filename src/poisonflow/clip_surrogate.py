@@ -51,7 +51,7 @@ class ZeroShotCLIP(nn.Module):
         self.register_buffer("text_features", text_features)  # (K, D), unit rows
         self.register_buffer("mean", torch.tensor(preprocess["mean"], dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(preprocess["std"], dtype=torch.float32).view(1, -1, 1, 1))
-        self.size = _pair(preprocess["size"])
+        self.size = as_pair(preprocess["size"])
         self.interpolation = preprocess.get("interpolation", "bicubic")
 
     @property
@@ -66,7 +66,7 @@ class ZeroShotCLIP(nn.Module):
         return logits + bias if bias is not None else logits
 
 
-def _pair(size) -> tuple[int, int]:
+def as_pair(size) -> tuple[int, int]:
     return (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
 
 
@@ -86,7 +86,7 @@ def clip_input(x: torch.Tensor, size: tuple[int, int], interpolation: str = "bic
     return x[..., top:top + size[0], left:left + size[1]]
 
 
-def _open_clip(key: str):
+def import_open_clip(key: str):
     try:
         import open_clip
     except ImportError as error:  # an optional dependency: pip install "poisonflow[clip]"
@@ -140,7 +140,7 @@ def weights_source(open_clip, clip: dict, key: str) -> str | None:
 
 def load_clip(clip: dict, key: str = "clip", device="cpu") -> nn.Module:
     """The open_clip model named by the ``clip:`` settings, weights loaded, eval mode, frozen."""
-    open_clip = _open_clip(key)
+    open_clip = import_open_clip(key)
     clip = definition_settings("clipModel", clip, key)
     source = weights_source(open_clip, clip, key)
     # A weights file stands for the tag's weights: keep the tag's activation and preprocessing.
@@ -173,7 +173,7 @@ def zero_shot_classifier(clip: dict | None, classes: list[str], device="cpu", ke
     if not classes:
         raise ConfigError(f"{key}: the CLIP surrogate needs the class names of the dataset")
     clip = definition_settings("clipModel", clip, key)
-    open_clip = _open_clip(key)
+    open_clip = import_open_clip(key)
     model = load_clip(clip, key, device)
     tokenizer = open_clip.get_tokenizer(clip["model"])
     text = prompt_features(model, tokenizer, [str(name) for name in classes], clip["prompt"], device)

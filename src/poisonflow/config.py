@@ -31,7 +31,8 @@ from .targets import ALL_TO_ALL, poison_budget  # noqa: F401  (poison_budget: re
 
 # Entry names become folders of the results (results/poison/{dataset}/{attack}/...) and arguments
 # of the job commands, so they are kept to a safe alphabet.
-NAME_SECTIONS = ("datasets", "models", "trainings", "surrogates", "generators", "attacks", "defenses", "figures")
+NAME_SECTIONS = ("datasets", "models", "trainings", "surrogates", "generators", "features", "attacks", "defenses",
+                 "figures")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 NAME_RULE = ("letters, digits, '-', '_' and '.', starting with a letter, digit or '_', without '..' "
              "(a name becomes a results folder and a job argument)")
@@ -157,7 +158,7 @@ class Config:
 
     def spec_json(self, section: str, name: str = "") -> str:
         """The resolved entry as the compact, key-sorted JSON the rules pass to the jobs (cached).
-        ``section``: dataset, training, surrogate, generator, attack, defense or evaluation."""
+        ``section``: dataset, training, surrogate, generator, features, attack, defense or evaluation."""
         key = (section, name)
         if key not in self._json:
             value = self.data["evaluation"] if section == "evaluation" else self._resolve(section, name)
@@ -181,6 +182,12 @@ class Config:
         entry = copy.deepcopy(self.data["generators"][name])
         if "surrogate" in entry:
             entry["surrogate_entry"] = self.surrogate(entry["surrogate"])
+        return entry
+
+    def _build_features(self, name: str) -> dict:
+        entry = copy.deepcopy(self.data["features"][name])
+        if entry["extractor"] == "simclr" and isinstance(entry["model"], str):  # a models entry by name: inline it
+            entry["model"] = copy.deepcopy(self.data["models"][entry["model"]])
         return entry
 
     def _build_attack(self, name: str) -> dict:
@@ -207,6 +214,10 @@ class Config:
     def generator(self, name: str) -> dict:
         """A generators entry with its ``surrogate`` entry resolved inline (if it names one)."""
         return copy.deepcopy(self._resolve("generator", name))
+
+    def features(self, name: str) -> dict:
+        """A features entry; a SimCLR entry's ``model`` named by its models entry is resolved inline."""
+        return copy.deepcopy(self._resolve("features", name))
 
     def attack(self, name: str) -> dict:
         return copy.deepcopy(self._resolve("attack", name))
@@ -293,6 +304,14 @@ class Config:
             self._check_names("models", [entry["model"]], f"trainings.{name}.model")
         for name, entry in self.data["surrogates"].items():
             self._check_names("trainings", [entry["training"]], f"surrogates.{name}.training")
+        for name, entry in self.data["features"].items():
+            check_features(entry, f"features.{name}")
+            if entry["extractor"] != "simclr":
+                continue  # clip: `model` is an open_clip architecture
+            if isinstance(entry["model"], str):
+                self._check_names("models", [entry["model"]], f"features.{name}.model")
+            else:
+                ARCHITECTURES.target(entry["model"]["arch"], key=f"features.{name}.model.arch")
         for name, entry in self.data["attacks"].items():
             kinds.ATTACK_KINDS.target(entry["kind"], key=f"attacks.{name}.kind")
         for name, entry in self.data["defenses"].items():
@@ -433,6 +452,13 @@ def check_image_size(model: dict, model_name: str, user: str, described: dict, d
         raise ConfigError(f"{key}: {side} px is too large for model '{model_name}' ({what}, used by {user}): its "
                           f"first convolutions run at full resolution, meant for images up to "
                           f"{LARGEST_FULL_RESOLUTION_IMAGE} px ({fix})")
+
+
+def check_features(entry: dict, key: str) -> None:
+    """What the schema cannot say about a features entry: its ranges are ordered (low ≤ high)."""
+    for name in ("crop_scale", "crop_ratio"):
+        if name in entry and not entry[name][0] <= entry[name][1]:
+            raise ConfigError(f"{key}.{name}: needs low <= high, got {list(entry[name])}")
 
 
 def check_reserve(entry: dict, fragment: kinds.Fragment, described: dict, key: str, dataset: str) -> None:

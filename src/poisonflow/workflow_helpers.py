@@ -39,9 +39,11 @@ def describe_cache() -> Path:
 
 # The rules, and the stage each runs. The training stages declare gpu=1.
 RULE_STAGES = {"data": "data", "surrogate": "surrogate", "scores": "scores", "trigger": "trigger",
-               "poison": "poison", "victim": "victim", "defense": "defense", "aggregate": "aggregate",
-               "figure_forgetting": "figures", "figure_tsne": "figures"}
-GPU_RULES = ("surrogate", "scores", "trigger", "poison", "victim", "defense", "figure_tsne")
+               "poison": "poison", "features": "features", "features_clip": "features", "victim": "victim",
+               "defense": "defense", "aggregate": "aggregate", "figure_forgetting": "figures",
+               "figure_tsne": "figures"}
+GPU_RULES = ("surrogate", "scores", "trigger", "poison", "features", "features_clip", "victim", "defense",
+             "figure_tsne")
 
 # Peak resident memory of a job, MiB: BASE plus FACTOR × the dataset's uint8 images (train,
 # reserve and test) in MiB, rounded up to 256 MiB and raised by half on each retry. Measured with
@@ -51,15 +53,18 @@ GPU_RULES = ("surrogate", "scores", "trigger", "poison", "victim", "defense", "f
 # alone takes 0.9 GiB), so BASE is that plus a margin; FACTOR covers the copies a stage holds of
 # the images (the store's arrays, the poisoned copy, float batches), an estimate: no dataset
 # larger than digits was measured. `workflow: {resources: {<rule>: {mem_mb: N}}}` overrides it.
+# features and features_clip (not measured) are taken as a surrogate, plus CLIP's weights.
 MEMORY = {  # rule: (BASE, FACTOR)
     "data": (1280, 4), "surrogate": (1536, 4), "scores": (1536, 4), "trigger": (1536, 4),
-    "poison": (1536, 4), "victim": (1536, 4), "defense": (1536, 6), "aggregate": (512, 0),
+    "poison": (1536, 4), "features": (1536, 4), "features_clip": (2560, 4), "victim": (1536, 4),
+    "defense": (1536, 6), "aggregate": (512, 0),
     "figure_forgetting": (768, 1), "figure_tsne": (1536, 4),
 }
 GPU_HOST_MEMORY = 1024  # not measured here (no GPU on the machine); a retry asks 1.5× more
 # Declared run times (minutes; a cluster's time limit), unchanged from the paper-scale presets.
-RUNTIME = {"data": 240, "surrogate": 720, "scores": 240, "trigger": 720, "poison": 240, "victim": 1440,
-           "defense": 2880, "aggregate": 60, "figure_forgetting": 60, "figure_tsne": 240}
+RUNTIME = {"data": 240, "surrogate": 720, "scores": 240, "trigger": 720, "poison": 240, "features": 1440,
+           "features_clip": 240, "victim": 1440, "defense": 2880, "aggregate": 60, "figure_forgetting": 60,
+           "figure_tsne": 240}
 # Jobs per group when the config asks for grouping with `workflow: {group_small_jobs: true}`.
 DEFAULT_GROUP_SIZE = 20
 
@@ -77,6 +82,7 @@ class Plan:
         self.results = results
         self.data = cfg.data
         self.figures = cfg.data["figures"]
+        self.feature_entries = cfg.data["features"]
         self.options = cfg.data["workflow"]
         self.threads = cfg.data["threads"]
         self.jobs = list(cfg.jobs())
@@ -228,6 +234,12 @@ class Plan:
             "trainings": {name: self.cfg.training(name) for name in self.names("training")},
             "defenses": {name: self.cfg.defense(name) for name in self.names("defense")},
         })
+
+    # -- features of a poisoned store -------------------------------------------------------------
+    def features_wildcard(self, extractor: str) -> str:
+        """A wildcard pattern matching exactly the names of the features entries of this extractor
+        (each extractor has its own rule: only SimCLR writes a backbone)."""
+        return names_pattern(name for name, entry in self.feature_entries.items() if entry["extractor"] == extractor)
 
     # -- figures from stored artifacts -----------------------------------------------------------
     def configured_figures(self) -> list[str]:

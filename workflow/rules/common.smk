@@ -20,4 +20,5 @@ wildcard_constraints:
     surrogate=r"[A-Za-z0-9_][A-Za-z0-9._-]*",
     generator=r"[A-Za-z0-9_][A-Za-z0-9._-]*",
     figure=r"[A-Za-z0-9_][A-Za-z0-9._-]*",
+    features=r"[A-Za-z0-9_][A-Za-z0-9._-]*",
     seed=r"[0-9]+",
