@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from poisonflow.defenses import DEFENSES, DefenseContext, dst
 from poisonflow.kinds import defaults_of, settings_for
