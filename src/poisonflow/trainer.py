@@ -518,7 +518,7 @@ def train_step(net, batch: augment.MixedBatch, index, optimizer, schedule, stats
     labels = batch.labels
     if real is not None:
         per_sample, index, labels, output = per_sample[:real], index[:real], labels[:real], first_outputs(output, real)
-    descend(optimizer, per_sample.mean(), net, ctx.settings.get("grad_clip"))
+    descend(optimizer, per_sample.mean(), net)
     schedule.step()
     stats.add(index, per_sample.detach(), output, labels)
     return output
@@ -546,7 +546,7 @@ def batch_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
     """
     model.train()
     device = images.device
-    settings = {**DEFAULTS, "grad_clip": grad_clip}
+    settings = DEFAULTS
     runtime = RuntimeSettings(amp=False, channels_last=False, compile=False, data_on_device=True)
     ctx = StepContext(settings, runtime, torch.Generator(), device)
     loss = objective.loss(model, augment.MixedBatch(images, labels), ctx).loss.float().mean()

@@ -16,43 +16,14 @@ from poisonflow.defenses import DEFENSES, DefenseContext, merge
 from poisonflow.defenses import aabl, adv_train, fine_pruning
 from poisonflow.errors import ConfigError
 from poisonflow.losses import symmetric_cross_entropy
-from poisonflow.models import build_model
 from poisonflow.thresholds import otsu_threshold
 from poisonflow.trainer import images_to_tensor, to_float, train_model, training_digest
+from defense_utils import TINY_TRAINING, tiny_context
 
 torch.set_num_threads(1)
 
 RCE_SCALE = -math.log(1e-4)  # ≈ 9.2103
 
-TINY_TRAINING = {
-    "model": {"arch": "convnet", "width": 4},
-    "epochs": 1,
-    "batch_size": 32,
-    "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
-    "schedule": {"name": "constant"},
-    "augment": ["flip"],
-    "adversarial": None,
-}
-
-
-def synthetic_images(n: int, classes: int = 3, size: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Each class a mean colour plus noise: learnable in one or two epochs by a tiny convnet."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % classes
-    palette = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40]])[:classes]
-    images = palette[labels][:, None, None, :] + rng.normal(0, 30, (n, size, size, 3))
-    return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64)
-
-
-def tiny_context(tmp_path, victim=None, n: int = 120, seed: int = 0) -> DefenseContext:
-    images, labels = synthetic_images(n, seed=seed)
-    clean_images, clean_labels = synthetic_images(n, seed=seed + 1)
-    return DefenseContext(
-        train_images=images, train_labels=labels, reserve_images=clean_images, reserve_labels=clean_labels,
-        training=TINY_TRAINING,
-        build_model=lambda: build_model(TINY_TRAINING["model"], num_classes=3, image_size=8),
-        victim=victim, seed=seed, device=torch.device("cpu"), workdir=tmp_path / "work", num_classes=3,
-    )
 
 
 # --- symmetric cross entropy ----------------------------------------------------------------------
@@ -226,15 +197,15 @@ def test_aabl_runs_end_to_end_and_resumes_from_its_checkpoints(tmp_path):
     assert stage1_training["optimizer"]["name"] == "adam" and stage1_training["optimizer"]["lr"] == 1e-3
     assert stage3_training["adversarial"] == {"eps": 4 / 255, "step": 2 / 255, "steps": 2}
     # both stages start from the same seeded fresh model
-    assert stage1["digest"] == training_digest(aabl.fresh_model(ctx), ctx.train_images, ctx.train_labels,
+    assert stage1["digest"] == training_digest(ctx.fresh_model(), ctx.train_images, ctx.train_labels,
                                                stage1_training, seed=0)
-    assert stage3["digest"] == training_digest(aabl.fresh_model(ctx), ctx.train_images, ctx.train_labels,
+    assert stage3["digest"] == training_digest(ctx.fresh_model(), ctx.train_images, ctx.train_labels,
                                                stage3_training, seed=0, subset=result.kept)
     assert stage1["epoch"] == 2 and stage3["epoch"] == 1
 
     # the split's scores: SCE of the stage-1 model on the unperturbed samples, and after iFGSM (never lower)
     before, after = result.sample_scores["SCE before iFGSM"], result.sample_scores["SCE after iFGSM"]
-    stage1_model = aabl.fresh_model(ctx)
+    stage1_model = ctx.fresh_model()
     stage1_model.load_state_dict(stage1["model"])
     stage1_model.eval()
     with torch.no_grad():

@@ -7,42 +7,19 @@ import pytest
 import torch
 
 from poisonflow import trainer
-from poisonflow.defenses import DEFENSES, DefenseContext, cbd, merge
+from poisonflow.defenses import DEFENSES, cbd, merge
 from poisonflow.kinds import defaults_of, settings_for
 from poisonflow.models import build_model
+import defense_utils
+from defense_utils import TINY_TRAINING
 
 torch.set_num_threads(1)
 
-TINY_TRAINING = {
-    "model": {"arch": "convnet", "width": 4},
-    "epochs": 1,
-    "batch_size": 32,
-    "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
-    "schedule": {"name": "constant"},
-    "augment": ["flip"],
-    "adversarial": None,
-}
 TINY_SPEC = {"kind": "cbd", "backdoor": {"epochs": 1}, "clean": {"epochs": 2}}
 
 
-def synthetic_images(n: int, classes: int = 3, size: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Each class a mean colour plus noise: learnable in one or two epochs by a tiny convnet."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % classes
-    palette = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40]])[:classes]
-    images = palette[labels][:, None, None, :] + rng.normal(0, 30, (n, size, size, 3))
-    return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64)
-
-
-def tiny_context(tmp_path, victim=None, n: int = 96, seed: int = 0) -> DefenseContext:
-    images, labels = synthetic_images(n, seed=seed)
-    clean_images, clean_labels = synthetic_images(n, seed=seed + 1)
-    return DefenseContext(
-        train_images=images, train_labels=labels, reserve_images=clean_images, reserve_labels=clean_labels,
-        training=TINY_TRAINING,
-        build_model=lambda: build_model(TINY_TRAINING["model"], num_classes=3, image_size=8),
-        victim=victim, seed=seed, device=torch.device("cpu"), workdir=tmp_path / "work", num_classes=3,
-    )
+def tiny_context(tmp_path, victim=None, n: int = 96, seed: int = 0):
+    return defense_utils.tiny_context(tmp_path, victim, n, seed)
 
 
 # --- defaults --------------------------------------------------------------------------------------

@@ -37,6 +37,14 @@ class DefenseContext:
     # triggered ASR images, mixed in a seeded order; which is which is not given
     screen_images: np.ndarray | None = None
 
+    def fresh_model(self, offset: int = 0) -> torch.nn.Module:
+        """An untrained victim-architecture model whose initialization depends only on the seed
+        (plus ``offset``, for a defense that needs several independent ones)."""
+        import torch
+
+        torch.manual_seed(self.seed + offset)
+        return self.build_model()
+
 
 @dataclass
 class DefenseResult:

@@ -61,16 +61,10 @@ class VulnerabilitySplit:
     clean_losses: np.ndarray | None = None  # float (N,): the SCE of the unperturbed samples
 
 
-def fresh_model(ctx: DefenseContext) -> torch.nn.Module:
-    """An untrained victim-architecture model whose initialization depends only on the seed."""
-    torch.manual_seed(ctx.seed)
-    return ctx.build_model()
-
-
 def naive_training(ctx: DefenseContext, stage1: dict) -> torch.nn.Module:
     """Stage 1: train a fresh model on the whole released training set."""
     workdir = Path(ctx.workdir)
-    result = train_model(fresh_model(ctx), ctx.train_images, ctx.train_labels, merge(ctx.training, stage1),
+    result = train_model(ctx.fresh_model(), ctx.train_images, ctx.train_labels, merge(ctx.training, stage1),
                          seed=ctx.seed, device=ctx.device, checkpoint=workdir / "stage1.pt",
                          history=workdir / "history-stage1.csv", desc="aabl stage 1")
     return result.model
@@ -133,7 +127,7 @@ def adversarial_training(ctx: DefenseContext, kept: np.ndarray, stage3: dict) ->
     if not kept.any():
         raise ValueError("aabl: the split kept no samples; stage 3 has nothing to train on")
     workdir = Path(ctx.workdir)
-    result = train_model(fresh_model(ctx), ctx.train_images, ctx.train_labels, merge(ctx.training, stage3),
+    result = train_model(ctx.fresh_model(), ctx.train_images, ctx.train_labels, merge(ctx.training, stage3),
                          subset=kept, seed=ctx.seed, device=ctx.device, checkpoint=workdir / "stage3.pt",
                          history=workdir / "history-stage3.csv", desc="aabl stage 3")
     return result.model

@@ -125,16 +125,10 @@ def per_sample_loss(model: torch.nn.Module, images: np.ndarray, labels: np.ndarr
 # --- the three stages ------------------------------------------------------------------------------
 
 
-def fresh_model(ctx: DefenseContext) -> torch.nn.Module:
-    """An untrained victim-architecture model whose initialization depends only on the seed."""
-    torch.manual_seed(ctx.seed)
-    return ctx.build_model()
-
-
 def isolation_training(ctx: DefenseContext, resolved: dict) -> torch.nn.Module:
     """Stage 1: LGA training of a fresh model on the whole released training set."""
     workdir = Path(ctx.workdir)
-    return train_model(fresh_model(ctx), ctx.train_images, ctx.train_labels, merge(ctx.training, resolved["isolation"]),
+    return train_model(ctx.fresh_model(), ctx.train_images, ctx.train_labels, merge(ctx.training, resolved["isolation"]),
                        seed=ctx.seed, device=ctx.device, objective=lga_objective(resolved),
                        checkpoint=workdir / "isolation.pt", history=workdir / "history-isolation.csv",
                        desc="abl isolation").model

@@ -16,7 +16,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..kinds import settings_for
 from ..trainer import train_model
@@ -26,8 +25,7 @@ from . import DefenseContext, DefenseResult, merge
 def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
     resolved = settings_for(__name__, spec)
     workdir = Path(ctx.workdir)
-    torch.manual_seed(ctx.seed)
-    model = ctx.build_model()
+    model = ctx.fresh_model()
     result = train_model(model, ctx.train_images, ctx.train_labels, merge(ctx.training, resolved["training"]),
                          seed=ctx.seed, device=ctx.device, checkpoint=workdir / "adv-train.pt",
                          history=workdir / "history-adv-train.csv", desc="adv-train")

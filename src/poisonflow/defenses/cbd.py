@@ -184,22 +184,16 @@ def clean_objective(backdoored: nn.Module, mi_weight: float, critic_weight: floa
 # --- the two stages --------------------------------------------------------------------------------
 
 
-def fresh_model(ctx: DefenseContext, offset: int) -> nn.Module:
-    """An untrained victim-architecture model whose initialization depends only on the seed."""
-    torch.manual_seed(ctx.seed + offset)
-    return ctx.build_model()
-
-
 def backdoored_training(ctx: DefenseContext, resolved: dict) -> nn.Module:
     """Stage 1: a fresh model, early-stopped cross-entropy training on the released set."""
     workdir = Path(ctx.workdir)
-    return train_model(fresh_model(ctx, 0), ctx.train_images, ctx.train_labels, merge(ctx.training, resolved["backdoor"]),
+    return train_model(ctx.fresh_model(0), ctx.train_images, ctx.train_labels, merge(ctx.training, resolved["backdoor"]),
                        seed=ctx.seed, device=ctx.device, checkpoint=workdir / "backdoor.pt",
                        history=workdir / "history-backdoor.csv", desc="cbd backdoored").model
 
 
 def clean_module(ctx: DefenseContext, resolved: dict) -> CBDModule:
-    classifier = fresh_model(ctx, 1)
+    classifier = ctx.fresh_model(1)
     critic = None
     if float(resolved["mi_weight"]) > 0:
         dim = classifier.fc.in_features

@@ -86,12 +86,6 @@ from . import DefenseContext, DefenseResult, merge
 CLEAN, UNCERTAIN, POISONED = 0, 1, 2
 
 
-def fresh_model(ctx: DefenseContext) -> nn.Module:
-    """An untrained victim-architecture model whose initialization depends only on the seed."""
-    torch.manual_seed(ctx.seed)
-    return ctx.build_model()
-
-
 # --- SD: intra-class fine-tuning --------------------------------------------------------------------
 
 
@@ -119,7 +113,7 @@ def intra_class_objective() -> Objective:
 def sd_model(ctx: DefenseContext, resolved: dict) -> nn.Module:
     """Steps 1-2: a short no-augmentation training, then the intra-class fine-tuning."""
     workdir = Path(ctx.workdir)
-    model = train_model(fresh_model(ctx), ctx.train_images, ctx.train_labels,
+    model = train_model(ctx.fresh_model(), ctx.train_images, ctx.train_labels,
                         merge(ctx.training, resolved["sd_training"]), seed=ctx.seed, device=ctx.device,
                         checkpoint=workdir / "sd-training.pt", history=workdir / "history-sd-training.csv",
                         desc="d-st SD training").model
@@ -291,7 +285,7 @@ def sscl_objective(resolved: dict, num_classes: int) -> Objective:
 
 def train_extractor(ctx: DefenseContext, flags: np.ndarray, resolved: dict) -> nn.Module:
     """Step 5: SS-CTL of a fresh victim-architecture backbone on every training sample."""
-    backbone = fresh_model(ctx)
+    backbone = ctx.fresh_model()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(ctx.seed)
         net = SupConNet(backbone, int(resolved["projection_dim"]))
