@@ -316,6 +316,8 @@ class Config:
             kinds.ATTACK_KINDS.target(entry["kind"], key=f"attacks.{name}.kind")
         for name, entry in self.data["defenses"].items():
             kinds.DEFENSES.target(entry["kind"], key=f"defenses.{name}.kind")
+            if "features" in entry:
+                self._check_names("features", [entry["features"]], f"defenses.{name}.features")
         for name, entry in self.data["generators"].items():
             fragment = kinds.ATTACKS.fragment(entry["kind"], key=f"generators.{name}.kind")
             if not fragment.generator:

@@ -212,6 +212,25 @@ class Plan:
         return list(dict.fromkeys(f"{j.defense}={self._victim_metrics(j)}" for j in self.jobs
                                   if j.defense in self.undefended))
 
+    def defense_inputs(self, wildcards) -> dict:
+        """Inputs of the defense rule: the stores and the victim, and for an entry that names a
+        features entry, that entry's features of the same poisoned store (shared by every defense
+        naming it)."""
+        root = f"{self.results}/{{}}/{wildcards.dataset}/{wildcards.attack}"
+        victim = root.format("victims") + f"/{wildcards.training}/seed{wildcards.seed}"
+        inputs = {"clean": f"{self.results}/data/{wildcards.dataset}.zarr",
+                  "poison": root.format("poison") + f"/seed{wildcards.seed}.zarr",
+                  "victim": f"{victim}/model.pt", "victim_metrics": f"{victim}/metrics.json"}
+        features = self.data["defenses"][wildcards.defense].get("features")
+        if features is not None:
+            inputs["features"] = root.format("features") + f"/{features}/seed{wildcards.seed}/features.npz"
+        return inputs
+
+    @staticmethod
+    def defense_options(wildcards, input) -> list[str]:
+        """Optional arguments of ``poisonflow defense``, one list item per shell word."""
+        return ["--features", input.features] if "features" in input.keys() else []
+
     def defense_wildcard(self) -> str:
         """A wildcard pattern matching the defenses entries that run a job (not kind `none`)."""
         return names_pattern(name for name in self.data["defenses"] if name not in self.undefended)

@@ -1,13 +1,11 @@
 # A defenses entry of kind `none` runs no job: the aggregate reads the victim's own metrics for it
-# (results/defenses/.../<none entry>/ is not written).
+# (results/defenses/.../<none entry>/ is not written). An entry with a `features` key (GSSD) also
+# reads that features entry's features.npz of the same poisoned store.
 rule defense:
     conda:
         "../envs/poisonflow.yaml"
     input:
-        clean=f"{RESULTS}/data/{{dataset}}.zarr",
-        poison=f"{RESULTS}/poison/{{dataset}}/{{attack}}/seed{{seed}}.zarr",
-        victim=f"{RESULTS}/victims/{{dataset}}/{{attack}}/{{training}}/seed{{seed}}/model.pt",
-        victim_metrics=f"{RESULTS}/victims/{{dataset}}/{{attack}}/{{training}}/seed{{seed}}/metrics.json",
+        unpack(PLAN.defense_inputs),
     output:
         model=f"{RESULTS}/defenses/{{dataset}}/{{attack}}/{{training}}/seed{{seed}}/{{defense}}/model.pt",
         metrics=f"{RESULTS}/defenses/{{dataset}}/{{attack}}/{{training}}/seed{{seed}}/{{defense}}/metrics.json",
@@ -23,6 +21,7 @@ rule defense:
         victim=PLAN.dirname("victim", of="input"),
         out=PLAN.dirname("model"),
         code=PLAN.code("defense", "defense"),
+        options=PLAN.defense_options,
     threads: THREADS
     resources:
         gpu=PLAN.gpu("defense"),
@@ -32,5 +31,6 @@ rule defense:
     shell:
         "{params.run} defense --name {wildcards.defense:q} --spec {params.spec:q} --training {params.training:q}"
         " --evaluation {params.evaluation:q} --seed {wildcards.seed:q} --clean {input.clean:q}"
-        " --poison {input.poison:q} --victim-dir {params.victim:q} --out-dir {params.out:q} --threads {threads}"
+        " --poison {input.poison:q} --victim-dir {params.victim:q} {params.options:q} --out-dir {params.out:q}"
+        " --threads {threads}"
         " > {log:q} 2>&1"

@@ -1,7 +1,7 @@
 # features: the features entries of the config on one poisoned store, from its released training
 # set alone (`poisonflow features`), into results/features/{dataset}/{attack}/{features}/seed{seed}/.
 # One job per (dataset, attack, seed, entry), shared by every defense that names the entry, so GSSD
-# variants and DBD reuse it without retraining; no rule asks for it by default yet. A SimCLR entry
+# variants and DBD reuse it without retraining; the defense rule asks for it when an entry names it. A SimCLR entry
 # trains a backbone (written too); a CLIP entry only embeds. Each extractor's rule matches only the
 # names of its entries.
 

@@ -36,6 +36,9 @@ class DefenseContext:
     # test-time inputs to screen (input-detection defenses): the clean test images and the
     # triggered ASR images, mixed in a seeded order; which is which is not given
     screen_images: np.ndarray | None = None
+    # features of the released training images from a label-free extractor (the features stage
+    # named by the entry's ``features`` key), row i ↔ training sample i; None when none is named
+    features: np.ndarray | None = None
 
     def fresh_model(self, offset: int = 0) -> torch.nn.Module:
         """An untrained victim-architecture model whose initialization depends only on the seed
@@ -60,6 +63,10 @@ class DefenseResult:
     # plots them split by ground truth after the defense has returned
     sample_scores: dict = field(default_factory=dict)
     thresholds: dict = field(default_factory=dict)
+    # relabeling defenses: training-sample indices given a new label (and those labels); the stage
+    # scores the new labels against the true ones after the defense has returned
+    relabeled: np.ndarray | None = None
+    new_labels: np.ndarray | None = None
 
 
 

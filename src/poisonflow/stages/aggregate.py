@@ -60,7 +60,8 @@ pd = _OnUse("pandas")
 KEYS = ["dataset", "attack", "training", "defense"]
 # fractions in [0, 1], shown in percent in the summary table, in this order; other metrics
 # (counts, thresholds, timings) stay in metrics.csv only
-TABLE_METRICS = ["acc", "asr", "ra", "pgd_acc", "gamma", "rho_vul", "poison_removed", "nder", "auroc", "tpr", "fpr"]
+TABLE_METRICS = ["acc", "asr", "ra", "pgd_acc", "gamma", "rho_vul", "poison_removed", "clean_lost",
+                 "targets_detected", "relabel_accuracy", "nder", "auroc", "tpr", "fpr"]
 SKIP = {"device", "train_seconds", "defense_seconds"}
 
 # Paper names of metrics in the report tables.

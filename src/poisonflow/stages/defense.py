@@ -34,6 +34,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out-dir", required=True, metavar="DIR",
                         help="output folder: model.pt, model.json, metrics.json, training histories, and a "
                              "splitting defense's per-sample scores (scores.npz, scores.png)")
+    parser.add_argument("--features", metavar="NPZ",
+                        help="features.npz of the features stage on the same poisoned store (defenses that name "
+                             "a features entry)")
     parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
 
 
@@ -91,6 +94,52 @@ def write_sample_scores(out: Path, result, poisoned: np.ndarray, title: str) -> 
     score_distributions(result.sample_scores, poisoned, out / "scores.png", result.thresholds, title)
 
 
+def read_features(path: str | None, poisoned) -> np.ndarray | None:
+    """The standardized features of the released training images (``--features``), checked to
+    have one row per training sample."""
+    if path is None:
+        return None
+    from ..errors import ConfigError
+
+    with np.load(path) as stored:
+        features = np.asarray(stored["features"], dtype=np.float32)
+    if features.ndim != 2 or len(features) != len(poisoned["train/labels"]):
+        raise ConfigError(f"--features {path}: {features.shape} features for {len(poisoned['train/labels'])} "
+                          f"training samples (computed on another store?)")
+    return features
+
+
+def relabel_metrics(result, poisoned) -> dict:
+    """How a relabeling defense's new labels compare with the true ones (scored after it returned):
+    ``relabel_accuracy`` over every relabeled sample, ``relabel_accuracy_poisoned`` over the
+    poisoned ones among them (the share whose original label it restored)."""
+    if result.relabeled is None or not len(result.relabeled):
+        return {}
+    index = np.asarray(result.relabeled, dtype=np.int64)
+    correct = np.asarray(result.new_labels) == poisoned["train/true_labels"][index]
+    out = {"relabel_accuracy": float(correct.mean())}
+    truth = poisoned["train/poisoned"][index]
+    if truth.any():
+        out["relabel_accuracy_poisoned"] = float(correct[truth].mean())
+    return out
+
+
+def detection_of_targets(detected, poisoned) -> dict:
+    """Scored after the defense returned, for a defense that names the attacked classes: the
+    attacked classes are the released labels of the poisoned training samples;
+    ``targets_detected`` is the share of them it named, ``false_detections`` the count of the
+    classes it named that were not attacked."""
+    if detected is None:
+        return {}
+    truth = poisoned["train/poisoned"]
+    targets = set(np.unique(poisoned["train/labels"][truth]).tolist())
+    named = {int(label) for label in detected}
+    out = {"false_detections": float(len(named - targets))}
+    if targets:
+        out["targets_detected"] = float(len(named & targets) / len(targets))
+    return out
+
+
 def defender_context(clean, poisoned, **rest) -> DefenseContext:
     """What a defender has: the released training set (images and labels as released) and the
     reserve, the clean data held out of the training set before poisoning. Nothing that tells
@@ -128,7 +177,8 @@ def run(args) -> None:
     victim = load_model(Path(args.victim_dir) / "model.pt", device, spec=architecture)
     screen_images, screen_truth = screening_set(clean, poisoned, args.seed)
     context = defender_context(clean, poisoned, training=training, build_model=fresh_model, victim=victim,
-                               seed=args.seed, device=device, workdir=out / "work", screen_images=screen_images)
+                               seed=args.seed, device=device, workdir=out / "work", screen_images=screen_images,
+                               features=read_features(args.features, poisoned))
     started = time.perf_counter()
     result = DEFENSES.get(spec["kind"], key=f"defenses.{args.name}.kind").run(spec, context)
     seconds = time.perf_counter() - started
@@ -142,6 +192,9 @@ def run(args) -> None:
         metrics["gamma"] = float(kept.mean())
         metrics["rho_vul"] = float(truth[kept].mean()) if kept.any() else 0.0
         metrics["poison_removed"] = float((~kept[truth]).mean()) if truth.any() else 0.0
+        metrics["clean_lost"] = float((~kept[~truth]).mean()) if (~truth).any() else 0.0
+    metrics.update(relabel_metrics(result, poisoned))
+    metrics.update(detection_of_targets(result.metrics.get("detected_classes"), poisoned))
     if result.sample_scores:  # plotted against ground truth, after the defense has finished
         write_sample_scores(out, result, poisoned["train/poisoned"], f"{args.name}, seed {args.seed}")
     if result.input_scores is not None or result.input_flags is not None:
@@ -152,7 +205,8 @@ def run(args) -> None:
         metrics["nder"] = score
     provenance = record(
         "defense", entry=spec, name=args.name, seed=args.seed, device=device,
-        inputs=[args.clean, args.poison, Path(args.victim_dir) / "model.pt", Path(args.victim_dir) / "metrics.json"],
+        inputs=[args.clean, args.poison, Path(args.victim_dir) / "model.pt", Path(args.victim_dir) / "metrics.json",
+                *([args.features] if args.features else [])],
         code=["poisonflow.stages.defense", DEFENSES.module_name(spec["kind"])],
         extra={"training": training, "evaluation": evaluation})
     save_model(result.model, out / "model.pt", architecture, provenance)

@@ -1,0 +1,109 @@
+"""GSSD: generative self-supervised defense (appendix and official code ivansabolic/GSSD).
+
+The defender has the released training set and the standardized features of its images from a
+model that never saw a label (the ``features`` stage: SimCLR trained on the released images, or
+CLIP). GSSD then
+
+1. fits one normalizing flow per class on the features of the samples labelled with it
+   (:func:`poisonflow.flows.train_class_flows`) and reads log p(z|c)/D for every sample and class;
+2. flags the attacked classes and plans each one (:func:`poisonflow.gssd.plan`): a disruptive
+   attack (poisons unlike any class) keeps the ``alpha_c_disruptive`` lowest-scored samples of the
+   class and drops the rest; a non-disruptive one (poisons like their source class) keeps the top
+   ``alpha_c``, relabels the bottom ``alpha_p`` to their best other class and drops the middle;
+   unflagged classes keep everything;
+3. trains a fresh model from scratch on the kept samples with the victim's recipe (``retrain``);
+4. fine-tunes it on the relabeled samples under their new labels (``finetune``: 2 epochs, lr 1e-4).
+
+The official retraining script reads the ground-truth poison indices when it filters; here the
+filter is the flows' verdict alone. Nothing the defense reads tells which samples are poisoned:
+the defense stage scores ``kept`` and the relabels against ground truth after it returns.
+
+Metrics (no ground truth): ``detected_classes`` and ``attack_types`` (lists, class order),
+``relabeled`` (count), and the flows' mean NLL per dimension on their own class.
+
+Flows, retraining and fine-tuning checkpoint in the work directory; the flows' verdict is stored
+there too (``plan.npz``), so a killed job resumes without refitting anything finished.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .. import checkpoint as checkpoints
+from .. import flows as class_flows
+from .. import gssd as decisions
+from ..errors import ConfigError
+from ..kinds import settings_for
+from ..trainer import train_model
+from . import DefenseContext, DefenseResult, merge
+
+
+def flow_settings(resolved: dict) -> dict:
+    """The fragment's ``flows`` block as :func:`poisonflow.flows.train_class_flows` settings."""
+    block = resolved["flows"]
+    optimizer = {**class_flows.DEFAULTS["optimizer"], "lr": float(block["lr"])}
+    return {"steps": int(block["steps"]), "hidden_ratio": float(block["hidden_ratio"]),
+            "epochs": int(block["epochs"]), "batch_size": int(block["batch_size"]), "optimizer": optimizer}
+
+
+def detection_settings(resolved: dict) -> dict:
+    return {key: resolved[key] for key in decisions.DEFAULTS}
+
+
+def class_densities(ctx: DefenseContext, resolved: dict) -> np.ndarray:
+    """(N, C) log p(z_n|c)/D under flows fitted per class on the released features."""
+    workdir = Path(ctx.workdir) / "flows"
+    flows = class_flows.train_class_flows(ctx.features, ctx.train_labels, ctx.num_classes, flow_settings(resolved),
+                                          seed=ctx.seed, device=ctx.device, checkpoint_dir=workdir)
+    return class_flows.class_log_probs(flows, ctx.features)
+
+
+def verdict(ctx: DefenseContext, resolved: dict) -> tuple[decisions.GssdPlan, np.ndarray]:
+    """The plan and the densities it was drawn from, stored in the work directory (a rerun reads them)."""
+    path = Path(ctx.workdir) / "plan.npz"
+    if path.exists():
+        with np.load(path) as stored:
+            log_probs = stored["log_probs"]
+    else:
+        log_probs = class_densities(ctx, resolved)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, log_probs=log_probs)
+
+        checkpoints.atomic_write(path, write)
+    return decisions.plan(log_probs, ctx.train_labels, detection_settings(resolved)), log_probs
+
+
+def own_class_nll(log_probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean −log p(z|y)/D of the samples under their own label's flow."""
+    return float(-log_probs[np.arange(len(labels)), labels].mean())
+
+
+def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
+    resolved = settings_for(__name__, spec)
+    if ctx.features is None:
+        raise ConfigError("gssd.features: the defense was given no features (the features stage's features.npz)")
+    if len(ctx.features) != len(ctx.train_labels):
+        raise ConfigError(f"gssd.features: {len(ctx.features)} feature rows for {len(ctx.train_labels)} training "
+                          f"samples: the features were computed on another store")
+    plan, log_probs = verdict(ctx, resolved)
+    if not plan.kept.any():
+        raise ConfigError("gssd: the filter kept no sample to retrain on (lower alpha_c / alpha_c_disruptive?)")
+    workdir = Path(ctx.workdir)
+    retraining = merge(ctx.training, resolved["retrain"])
+    model = train_model(ctx.fresh_model(0), ctx.train_images[plan.kept], ctx.train_labels[plan.kept], retraining,
+                        seed=ctx.seed, device=ctx.device, checkpoint=workdir / "retrain.pt",
+                        history=workdir / "history-retrain.csv", desc="gssd retrain").model
+    if len(plan.relabeled):
+        model = train_model(model, ctx.train_images[plan.relabeled], plan.new_labels,
+                            merge(retraining, resolved["finetune"]), seed=ctx.seed + 1, device=ctx.device,
+                            checkpoint=workdir / "finetune.pt", history=workdir / "history-finetune.csv",
+                            desc="gssd fine-tune").model
+    model.eval()
+    metrics = {"detected_classes": sorted(plan.flagged), "attack_types": [plan.flagged[c] for c in sorted(plan.flagged)],
+               "relabeled": int(len(plan.relabeled)), "flow_nll": own_class_nll(log_probs, ctx.train_labels)}
+    return DefenseResult(model=model, metrics=metrics, kept=plan.kept.copy(), relabeled=plan.relabeled,
+                         new_labels=plan.new_labels)
