@@ -187,12 +187,27 @@ def plan(log_probs: np.ndarray, labels: np.ndarray, settings: dict | None = None
     """Detect the target classes (disruptive first, then non-disruptive among the rest) and plan
     each flagged class; unflagged classes keep all their samples."""
     settings = resolved(settings)
-    log_probs, labels = np.asarray(log_probs, dtype=np.float64), np.asarray(labels)
-    if log_probs.ndim != 2 or len(log_probs) != len(labels):
-        raise ValueError(f"gssd.plan: log_probs (N, C) and labels (N,), got {log_probs.shape} and {labels.shape}")
+    log_probs, labels = checked(log_probs, labels)
     disruptive = disruptive_classes(log_probs, labels, settings)
     non_disruptive = non_disruptive_classes(log_probs, labels, settings, exclude=disruptive)
     flagged = {**{c: DISRUPTIVE for c in disruptive}, **{c: NON_DISRUPTIVE for c in non_disruptive}}
+    return plan_for(log_probs, labels, flagged, settings)
+
+
+def checked(log_probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    log_probs, labels = np.asarray(log_probs, dtype=np.float64), np.asarray(labels)
+    if log_probs.ndim != 2 or len(log_probs) != len(labels):
+        raise ValueError(f"gssd.plan: log_probs (N, C) and labels (N,), got {log_probs.shape} and {labels.shape}")
+    return log_probs, labels
+
+
+def plan_for(log_probs: np.ndarray, labels: np.ndarray, flagged: dict[int, str],
+             settings: dict | None = None) -> GssdPlan:
+    """Filter and relabel the classes of ``flagged`` (class → attack type), however they were found
+    (detected, or given, as appendix J gives the target class to a discriminative classifier)."""
+    settings = resolved(settings)
+    log_probs, labels = checked(log_probs, labels)
+    flagged = {int(label): attack for label, attack in flagged.items()}
     kept = ~np.isin(labels, list(flagged))
     relabeled, new_labels = [], []
     for label in sorted(flagged):

@@ -167,3 +167,18 @@ def test_a_features_name_that_is_not_an_entry_is_refused(tiny_config, load_confi
     tiny_config["defenses"]["g"] = {"kind": "gssd", "features": "missing"}
     with pytest.raises(ConfigError, match=r"^defenses\.g\.features: no features entry named 'missing'"):
         load_config(tiny_config)
+
+
+def test_discriminative_classifier_filters_the_given_target(tmp_path):
+    """Appendix J: an MLP's log-softmax in place of the flows, told the target class."""
+    ctx, true_labels, planted = planted_context(tmp_path)
+    spec = {**TINY, "classifier": "discriminative", "targets": [0], "discriminative": {"epochs": 5}}
+    result = DEFENSES.get("gssd").run(spec, ctx)
+    assert result.metrics["given_classes"] == [0] and "detected_classes" not in result.metrics
+    members = np.flatnonzero(ctx.train_labels == 0)
+    assert result.kept[members].sum() == 45 and len(result.relabeled) == 22
+    assert result.kept[ctx.train_labels != 0].all()
+    poisoned = np.isin(np.arange(len(true_labels)), planted)
+    assert poisoned[result.relabeled].mean() > 0.5  # the MLP ranks planted samples low too
+    with pytest.raises(ConfigError, match=r"^gssd\.targets: classifier discriminative cannot detect"):
+        DEFENSES.get("gssd").run({**spec, "targets": []}, planted_context(tmp_path / "b")[0])

@@ -18,6 +18,10 @@ The official retraining script reads the ground-truth poison indices when it fil
 filter is the flows' verdict alone. Nothing the defense reads tells which samples are poisoned:
 the defense stage scores ``kept`` and the relabels against ground truth after it returns.
 
+``classifier: discriminative`` is appendix J's ablation: an MLP on the same features in place of
+the flows, its log-softmax as the class scores; it cannot detect, so the defense is told the target
+classes (``targets``) and filters and relabels them the same way.
+
 Metrics (no ground truth): ``detected_classes`` and ``attack_types`` (lists, class order),
 ``relabeled`` (count), and the flows' mean NLL per dimension on their own class.
 
@@ -30,6 +34,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
 
 from .. import checkpoint as checkpoints
 from .. import flows as class_flows
@@ -53,11 +59,42 @@ def detection_settings(resolved: dict) -> dict:
 
 
 def class_densities(ctx: DefenseContext, resolved: dict) -> np.ndarray:
-    """(N, C) log p(z_n|c)/D under flows fitted per class on the released features."""
+    """(N, C): log p(z_n|c)/D under flows fitted per class on the released features, or for
+    ``classifier: discriminative`` the MLP's log p(c|z_n)."""
+    if resolved["classifier"] == "discriminative":
+        return discriminative_log_probs(ctx, resolved)
     workdir = Path(ctx.workdir) / "flows"
     flows = class_flows.train_class_flows(ctx.features, ctx.train_labels, ctx.num_classes, flow_settings(resolved),
                                           seed=ctx.seed, device=ctx.device, checkpoint_dir=workdir)
     return class_flows.class_log_probs(flows, ctx.features)
+
+
+def discriminative_log_probs(ctx: DefenseContext, resolved: dict) -> np.ndarray:
+    """Appendix J: linear → ReLU → linear on the features, cross entropy on the released labels;
+    its log-softmax for every sample."""
+    block = resolved["discriminative"]
+    dim = ctx.features.shape[1]
+    hidden = int(block["hidden"] or dim)
+    torch.manual_seed(ctx.seed)
+    mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, ctx.num_classes))
+    training = {"epochs": int(block["epochs"]), "batch_size": int(block["batch_size"]),
+                "optimizer": {"name": "adam", "lr": float(block["lr"])}, "schedule": {"name": "constant"},
+                "augment": [], "adversarial": None, "amp": False, "compile": False}
+    mlp = train_model(mlp, ctx.features, ctx.train_labels, training, seed=ctx.seed, device=ctx.device,
+                      checkpoint=Path(ctx.workdir) / "discriminative.pt",
+                      history=Path(ctx.workdir) / "history-discriminative.csv", desc="gssd discriminative").model
+    mlp.eval()
+    with torch.no_grad():
+        logits = mlp(torch.from_numpy(np.ascontiguousarray(ctx.features, dtype=np.float32)).to(ctx.device))
+    return torch.log_softmax(logits.double(), dim=1).cpu().numpy()
+
+
+def flagged_classes(log_probs: np.ndarray, labels: np.ndarray, resolved: dict) -> decisions.GssdPlan:
+    """The flows detect; the discriminative classifier is told the targets (appendix J)."""
+    if resolved["classifier"] == "discriminative":
+        return decisions.plan_for(log_probs, labels, {c: resolved["target_attack"] for c in resolved["targets"]},
+                                  detection_settings(resolved))
+    return decisions.plan(log_probs, labels, detection_settings(resolved))
 
 
 def verdict(ctx: DefenseContext, resolved: dict) -> tuple[decisions.GssdPlan, np.ndarray]:
@@ -74,7 +111,7 @@ def verdict(ctx: DefenseContext, resolved: dict) -> tuple[decisions.GssdPlan, np
                 np.savez(handle, log_probs=log_probs)
 
         checkpoints.atomic_write(path, write)
-    return decisions.plan(log_probs, ctx.train_labels, detection_settings(resolved)), log_probs
+    return flagged_classes(log_probs, ctx.train_labels, resolved), log_probs
 
 
 def own_class_nll(log_probs: np.ndarray, labels: np.ndarray) -> float:
@@ -89,6 +126,11 @@ def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
     if len(ctx.features) != len(ctx.train_labels):
         raise ConfigError(f"gssd.features: {len(ctx.features)} feature rows for {len(ctx.train_labels)} training "
                           f"samples: the features were computed on another store")
+    if resolved["classifier"] == "discriminative":
+        if not resolved["targets"]:
+            raise ConfigError("gssd.targets: classifier discriminative cannot detect; name the target classes")
+        if max(resolved["targets"]) >= ctx.num_classes:
+            raise ConfigError(f"gssd.targets: class {max(resolved['targets'])} of {ctx.num_classes}")
     plan, log_probs = verdict(ctx, resolved)
     if not plan.kept.any():
         raise ConfigError("gssd: the filter kept no sample to retrain on (lower alpha_c / alpha_c_disruptive?)")
@@ -103,7 +145,10 @@ def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
                             checkpoint=workdir / "finetune.pt", history=workdir / "history-finetune.csv",
                             desc="gssd fine-tune").model
     model.eval()
-    metrics = {"detected_classes": sorted(plan.flagged), "attack_types": [plan.flagged[c] for c in sorted(plan.flagged)],
-               "relabeled": int(len(plan.relabeled)), "flow_nll": own_class_nll(log_probs, ctx.train_labels)}
+    flows = resolved["classifier"] == "flows"
+    own = "flow_nll" if flows else "classifier_nll"
+    # given classes (discriminative) are not a detection: not scored as one
+    metrics = {"detected_classes" if flows else "given_classes": sorted(plan.flagged), "attack_types": [plan.flagged[c] for c in sorted(plan.flagged)],
+               "relabeled": int(len(plan.relabeled)), own: own_class_nll(log_probs, ctx.train_labels)}
     return DefenseResult(model=model, metrics=metrics, kept=plan.kept.copy(), relabeled=plan.relabeled,
                          new_labels=plan.new_labels)
