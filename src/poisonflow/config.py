@@ -141,6 +141,9 @@ class Config:
     """
 
     def __init__(self, raw: dict, describe_cache: str | Path | None = None):
+        from .sweeps import expand
+
+        raw, self.sweeps = expand(raw)  # swept keys → one entry per value (poisonflow.sweeps)
         self.data = validate(raw)
         self._described: dict[str, dict] = {}
         self._resolved: dict[tuple[str, str], dict] = {}

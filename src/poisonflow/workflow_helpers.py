@@ -252,6 +252,7 @@ class Plan:
             "attacks": {name: self.cfg.attack(name) for name in self.names("attack")},
             "trainings": {name: self.cfg.training(name) for name in self.names("training")},
             "defenses": {name: self.cfg.defense(name) for name in self.names("defense")},
+            "sweeps": self.cfg.sweeps,
         })
 
     # -- features of a poisoned store -------------------------------------------------------------

@@ -19,6 +19,9 @@ config (``--experiment``); a view is written only where the config has its struc
 - ``unlearnable.{csv,md}`` — clean test accuracy of the attacks evaluated without an ASR set
   (unlearnable examples, clean baselines), columns: whatever varies among dataset, training
   and defense (TriggerUE, Tables 1, 3, 4, 5);
+- ``sweeps.{csv,md}`` — every value of a swept key (``{sweep: [...]}``, :mod:`poisonflow.sweeps`)
+  with ACC and ASR, and the value of lowest mean ASR marked (the papers' choice, made on test data);
+- ``detections.{csv,md}`` — the classes a detecting defense (GSSD) flagged, per seed;
 - ``efficiency.{csv,md}`` — seconds spent generating each poisoned set: the generation time the
   poison stage records in its store (``timing.generation_seconds``: the attack's own computation,
   without process start-up, reading or writing), next to the whole job's wall-clock and CPU
@@ -537,9 +540,77 @@ def _figure_files(png: Path) -> list[str]:
     return [png.name, png.with_suffix(".pdf").name]
 
 
-def write_report(annotated: pd.DataFrame, order: dict, benchmarks: pd.DataFrame, folder: Path) -> list[str]:
+SWEEP_NOTE = ("ACC and ASR in %, mean ± std over seeds (– : one seed), one row per swept value. "
+              "chosen: the value with the lowest mean ASR, as the GSSD appendix picks NAD's β and ABL's γ; "
+              "that choice reads the test set, which a defender does not have.")
+
+
+def sweep_table(summary: pd.DataFrame, sweeps: dict) -> pd.DataFrame | None:
+    """Rows: (dataset, attack, training, swept entry, value) of every swept defense or attack, with
+    ACC and ASR and the value of lowest mean ASR per (dataset, attack, training, swept entry)."""
+    rows = []
+    for section, field in (("defenses", "defense"), ("attacks", "attack")):
+        for base, variants in sweeps.get(section, {}).items():
+            part = summary[summary[field].isin(list(variants))]
+            others = [k for k in ("dataset", "attack", "training", "defense") if k != field]
+            for keys, group in part.groupby(others, sort=False):
+                means = group[group["metric"] == "asr"].set_index(field)["mean"]
+                chosen = means.idxmin() if len(means) and means.notna().any() else None
+                for variant, values in variants.items():
+                    cells = group[group[field] == variant].set_index("metric")
+                    if cells.empty:
+                        continue
+                    row = dict(zip(others, keys))
+                    row.update({"swept": f"{section}.{base}", "value": ", ".join(f"{k} {v}" for k, v in values.items())})
+                    for metric in ("acc", "asr"):
+                        row[metric] = cell(cells.at[metric, "mean"], cells.at[metric, "std"]) if metric in cells.index else "–"
+                    row["chosen"] = "✓" if variant == chosen else ""
+                    rows.append(row)
+    if not rows:
+        return None
+    return pd.DataFrame(rows)
+
+
+def detection_rows(paths: list, results: Path) -> pd.DataFrame:
+    """Per defense job that names attacked classes (``detected_classes`` in its metrics.json): the
+    classes and the attack type of each, per seed."""
+    rows = []
+    for item in paths:
+        path, defense = item if isinstance(item, tuple) else (item, None)
+        metrics = read_json(path)
+        if "detected_classes" not in metrics:
+            continue
+        types = metrics.get("attack_types") or [""] * len(metrics["detected_classes"])
+        shown = ", ".join(f"{c} ({'D' if t == 'disruptive' else 'ND' if t else '?'})"
+                          for c, t in zip(metrics["detected_classes"], types)) or "none"
+        rows.append({**parse_path(path, results, defense), "detected": shown})
+    return pd.DataFrame(rows, columns=["dataset", "attack", "training", "seed", "defense", "detected"])
+
+
+def detection_table(rows: pd.DataFrame) -> pd.DataFrame | None:
+    """One row per (dataset, attack, training, defense): the classes detected in each seed."""
+    if rows.empty:
+        return None
+    rows = rows.sort_values("seed", kind="stable")
+    grouped = rows.groupby(KEYS, sort=False).apply(
+        lambda g: " | ".join(f"seed {s}: {d}" for s, d in zip(g["seed"], g["detected"])), include_groups=False)
+    return grouped.rename("detected classes").reset_index()
+
+
+DETECTION_NOTE = ("Classes the defense flagged as attack targets, per seed (D: disruptive, ND: non-disruptive); "
+                  "the attacks' target classes are in the config.")
+
+
+def write_report(annotated: pd.DataFrame, order: dict, benchmarks: pd.DataFrame, folder: Path,
+                 sweeps: dict | None = None, detections: pd.DataFrame | None = None) -> list[str]:
     """Write every view the config has the structure for into ``folder``; return the file names."""
     written: list[str] = []
+    table = sweep_table(annotated, sweeps or {})
+    if table is not None:
+        written += _write_table(table, folder / "sweeps", SWEEP_NOTE)
+    table = detection_table(detections) if detections is not None else None
+    if table is not None:
+        written += _write_table(table, folder / "detections", DETECTION_NOTE)
     table = selection_table(annotated)
     if table is not None:
         written += _write_table(table, folder / "selection", "Values in %, mean ± std over seeds (– : one seed). "
@@ -581,7 +652,8 @@ SUMMARY_NOTE = "Values in %, mean ± std over seeds (sample std; – where there
 def run(args) -> None:
     results = Path(args.results)
     experiment = parse_json(args.experiment, "--experiment") if getattr(args, "experiment", None) is not None else None
-    table = tidy([Path(p) for p in args.metrics] + undefended(getattr(args, "undefended", None) or []), results)
+    paths = [Path(p) for p in args.metrics] + undefended(getattr(args, "undefended", None) or [])
+    table = tidy(paths, results)
     _atomic_text(table.to_csv(index=False), results / "metrics.csv")
     summary = summarize(table)
     wide = formatted(summary, TABLE_METRICS)
@@ -595,5 +667,6 @@ def run(args) -> None:
         report = results / "report"
         shutil.rmtree(report, ignore_errors=True)  # views the config no longer has must not linger
         benchmarks = read_benchmarks([Path(p) for p in getattr(args, "benchmarks", [])], results)
-        written = write_report(annotate(summary, experiment), experiment.get("order", {}), benchmarks, report)
+        written = write_report(annotate(summary, experiment), experiment.get("order", {}), benchmarks, report,
+                               experiment.get("sweeps", {}), detection_rows(paths, results))
         print(f"{report}: " + (", ".join(written) or "no view applies"))

@@ -1,0 +1,105 @@
+"""Sweeps: a `{sweep: [...]}` value expands an entry into one entry per value; the experiments run
+every variant; the aggregate reports each and marks the lowest-ASR one."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from poisonflow import sweeps
+from poisonflow.errors import ConfigError
+from poisonflow.stages.aggregate import detection_table, sweep_table
+from workflow_utils import planned_jobs, write_config
+
+
+def test_one_swept_key_gives_one_entry_per_value_and_the_experiments_name_them_all():
+    raw = {"defenses": {"none": {"kind": "none"}, "NAD": {"kind": "nad", "beta": {"sweep": [500, 1000, 5000]}}},
+           "attacks": {"b": {"kind": "badnets"}},
+           "experiments": [{"attack": ["b"], "defense": ["none", "NAD"]}]}
+    expanded, record = sweeps.expand(raw)
+    assert list(expanded["defenses"]) == ["none", "NAD.beta-500", "NAD.beta-1000", "NAD.beta-5000"]
+    assert expanded["defenses"]["NAD.beta-1000"] == {"kind": "nad", "beta": 1000}
+    assert expanded["experiments"][0]["defense"] == ["none", "NAD.beta-500", "NAD.beta-1000", "NAD.beta-5000"]
+    assert record == {"defenses": {"NAD": {"NAD.beta-500": {"beta": 500}, "NAD.beta-1000": {"beta": 1000},
+                                           "NAD.beta-5000": {"beta": 5000}}}}
+    assert raw["defenses"]["NAD"]["beta"] == {"sweep": [500, 1000, 5000]}  # the input is not changed
+
+
+def test_two_swept_keys_cross_and_nested_keys_are_dotted():
+    raw = {"defenses": {"g": {"kind": "gssd", "features": "f", "alpha_c": {"sweep": [0.15, 0.3]},
+                              "flows": {"epochs": {"sweep": [10, 20]}}}}}
+    expanded, record = sweeps.expand(raw)
+    assert sorted(expanded["defenses"]) == sorted(["g.alpha_c-0.15.flows.epochs-10", "g.alpha_c-0.15.flows.epochs-20",
+                                                  "g.alpha_c-0.3.flows.epochs-10", "g.alpha_c-0.3.flows.epochs-20"])
+    assert expanded["defenses"]["g.alpha_c-0.3.flows.epochs-20"]["flows"] == {"epochs": 20}
+    assert record["defenses"]["g"]["g.alpha_c-0.15.flows.epochs-10"] == {"alpha_c": 0.15, "flows.epochs": 10}
+
+
+def test_a_config_without_sweeps_is_returned_as_is():
+    raw = {"defenses": {"n": {"kind": "nad", "beta": 500}}}
+    assert sweeps.expand(raw) == (raw, {})
+
+
+def test_bad_sweeps_are_refused_naming_the_key(tiny_config, load_config):
+    with pytest.raises(ConfigError, match=r"^defenses\.NAD\.beta\.sweep: a non-empty list"):
+        sweeps.expand({"defenses": {"NAD": {"kind": "nad", "beta": {"sweep": []}}}})
+    tiny_config["defenses"]["n"] = {"kind": "nad", "beta": {"sweep": [500, -1]}}
+    with pytest.raises(ConfigError, match=r"defenses\.n\.beta-(-1|500)"):
+        load_config(tiny_config)  # each variant is validated like any entry
+
+
+def test_config_expands_and_records_the_sweep(tiny_config, load_config):
+    tiny_config["defenses"]["n"] = {"kind": "nad", "beta": {"sweep": [500, 1000]}}
+    tiny_config["experiments"][0]["defense"] = ["n"]
+    cfg = load_config(tiny_config)
+    assert cfg.defense("n.beta-1000")["beta"] == 1000
+    assert {job.defense for job in cfg.jobs()} == {"n.beta-500", "n.beta-1000"}
+    assert cfg.sweeps == {"defenses": {"n": {"n.beta-500": {"beta": 500}, "n.beta-1000": {"beta": 1000}}}}
+
+
+WORKFLOW = {
+    "datasets": {"digits": {"source": "digits", "image_size": 8, "train_size": 60, "test_size": 20}},
+    "models": {"tiny": {"arch": "convnet", "width": 4}},
+    "trainings": {"fast": {"model": "tiny", "epochs": 1, "batch_size": 32}},
+    "attacks": {"badnets": {"kind": "badnets", "target": 0, "rate": 0.1}},
+    "defenses": {"ABL": {"kind": "abl", "gamma": {"sweep": [0.0, 0.2, 0.4]}}},
+    "evaluation": {"pgd": None},
+    "experiments": [{"dataset": ["digits"], "attack": ["badnets"], "training": ["fast"], "defense": ["ABL"],
+                     "seed": [0]}],
+}
+
+
+def test_a_sweep_plans_one_defense_job_per_value_on_one_shared_victim(tmp_path):
+    write_config(tmp_path, WORKFLOW)
+    jobs = planned_jobs(tmp_path)
+    defenses = sorted(job for job in jobs if job[0] == "defense")
+    assert [job[3] for job in defenses] == ["defense=ABL.gamma-0", "defense=ABL.gamma-0.2", "defense=ABL.gamma-0.4"]
+    assert sum(job[0] == "victim" for job in jobs) == 1  # one victim shared by every value
+
+
+def test_sweep_view_marks_the_lowest_asr_and_detection_view_lists_seeds():
+    rows = []
+    for variant, asr in (("ABL.gamma-0", 0.9), ("ABL.gamma-0.2", 0.1), ("ABL.gamma-0.4", 0.5)):
+        for metric, value in (("acc", 0.8), ("asr", asr)):
+            rows.append({"dataset": "d", "attack": "a", "training": "t", "defense": variant, "metric": metric,
+                         "mean": value, "std": np.nan, "n": 1})
+    record = {"defenses": {"ABL": {"ABL.gamma-0": {"gamma": 0.0}, "ABL.gamma-0.2": {"gamma": 0.2},
+                                   "ABL.gamma-0.4": {"gamma": 0.4}}}}
+    table = sweep_table(pd.DataFrame(rows), record)
+    assert list(table["value"]) == ["gamma 0.0", "gamma 0.2", "gamma 0.4"]
+    assert list(table["chosen"]) == ["", "✓", ""]
+    assert list(table["asr"]) == ["90.00 ± –", "10.00 ± –", "50.00 ± –"]
+    detections = pd.DataFrame([
+        {"dataset": "d", "attack": "a", "training": "t", "defense": "gssd", "seed": 1, "detected": "0 (D), 3 (D)"},
+        {"dataset": "d", "attack": "a", "training": "t", "defense": "gssd", "seed": 0, "detected": "0 (ND)"}])
+    assert detection_table(detections)["detected classes"].tolist() == ["seed 0: 0 (ND) | seed 1: 0 (D), 3 (D)"]
+
+
+def test_unswept_entries_keep_their_names_in_a_swept_config():
+    raw = copy.deepcopy(WORKFLOW)
+    raw["defenses"]["none"] = {"kind": "none"}
+    expanded, _ = sweeps.expand(raw)
+    assert "none" in expanded["defenses"] and "ABL" not in expanded["defenses"]
