@@ -55,6 +55,15 @@ EXPECTED = {
     "trigger-zoo-digits.yaml": {"victim": 14 * 3, "poison": 14 * 3, "surrogate": 2, "trigger": 3},
     # the default's three experiments at 32 px: (2 + 4 + 4) attacks × 3 seeds, a poison job and a
     # victim each; A-ABL and fine-pruning against badnets and blended
+    # GSSD on CIFAR-10: 7 attacks + BadNets at 0.1% (H.1); a SimCLR features job per poisoned set;
+    # 7 × (NAD β × 5 + ABL γ × 3 + GSSD) + H.1 (ABL × 3, GSSD) + J.1 (3 discriminative)
+    "gssd-cifar10.yaml": {"victim": 8, "poison": 8, "features": 8, "surrogate": 1, "trigger": 1,
+                          "defense": 7 * (5 + 3 + 1) + (3 + 1) + 3},
+    # the same comparison without H.1 and J.1 on ImageNet-30 and VGGFace2-30
+    "gssd-imagenet30.yaml": {"victim": 7, "poison": 7, "features": 7, "surrogate": 1, "trigger": 1,
+                             "defense": 7 * (5 + 3 + 1)},
+    "gssd-vggface2.yaml": {"victim": 7, "poison": 7, "features": 7, "surrogate": 1, "trigger": 1,
+                           "defense": 7 * (5 + 3 + 1)},
     "digits-32px.yaml": {"victim": 30, "poison": 30, "defense": 12, "surrogate": 1, "scores": 1},
 }
 
