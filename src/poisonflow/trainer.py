@@ -559,11 +559,20 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def shuffled(pool: torch.Tensor | None, n: int, generator: torch.Generator) -> torch.Tensor:
-    """This epoch's sample order: all n samples, or those of ``pool``, permuted (the same draws either way)."""
-    if pool is None:
-        return torch.randperm(n, generator=generator)
-    return pool[torch.randperm(len(pool), generator=generator)]
+def shuffled(pool: torch.Tensor | None, n: int, generator: torch.Generator, length: int | None = None) -> torch.Tensor:
+    """This epoch's sample order: all n samples, or those of ``pool``, permuted (the same draws either
+    way); with ``length``, as many fresh permutations one after the other as it takes, cut to that
+    length (a loader re-iterated until an epoch of fixed steps is full)."""
+    def one() -> torch.Tensor:
+        return torch.randperm(n, generator=generator) if pool is None else pool[torch.randperm(len(pool), generator=generator)]
+
+    if length is None:
+        return one()
+    parts, total = [], 0
+    while total < length:
+        parts.append(one())
+        total += len(parts[-1])
+    return torch.cat(parts)[:length]
 
 
 def padded_order(order: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, int]:
@@ -601,6 +610,7 @@ def train_model(
     weights=None,
     on_batch: Callable[[BatchEnd], None] | None = None,
     on_epoch: Callable[[EpochEnd], None] | None = None,
+    resplit: Callable[[int, torch.nn.Module], np.ndarray] | None = None,
 ) -> TrainResult:
     """Train ``model`` on uint8 NHWC ``images`` with int ``labels`` per a resolved ``trainings:`` entry.
 
@@ -617,7 +627,13 @@ def train_model(
     ``adversarial`` is set); the step descends on its mean, each sample's term multiplied by its
     ``weights`` entry (float per sample) when given. ``subset`` (bool mask or indices) restricts
     training to those samples, drawn in the same order as if only they had been passed. ``on_batch``
-    and ``on_epoch`` are called after every step and every epoch. ``checkpoint`` is written after
+    and ``on_epoch`` are called after every step and every epoch. ``resplit(epoch, model)`` (0-based
+    epoch), when given, is called before each epoch and returns that epoch's subset (bool mask or
+    indices), replacing ``subset`` for it: the semi-supervised defenses re-split the training set
+    with the model as it is (it must depend on nothing else, so a resumed run splits the same way;
+    the schedule must then be constant, as its steps would follow the subset's size).
+    ``epoch_steps`` (a training key) fixes the steps of an epoch instead of one pass over the samples.
+    ``checkpoint`` is written after
     every epoch and resumed only for the same :func:`training_digest`; ``history`` is a CSV of one
     row per epoch (:data:`HISTORY_COLUMNS`: the mean objective, the training-forward accuracy, the
     learning rate the epoch began with, its wall time).
@@ -649,7 +665,10 @@ def train_model(
     trained = n if pool is None else len(pool)  # samples per epoch
     epochs = int(settings["epochs"])
     batch_size = int(settings["batch_size"])
-    steps_per_epoch = (trained + batch_size - 1) // batch_size
+    epoch_steps = settings.get("epoch_steps")
+    steps_per_epoch = int(epoch_steps) if epoch_steps else (trained + batch_size - 1) // batch_size
+    if resplit is not None and settings["schedule"].get("name", "constant") != "constant":
+        raise ValueError("train_model: resplit needs a constant schedule (its subset size varies by epoch)")
     augmenter = augment.BatchAugment(list(settings["augment"]), settings)
     optimizer = make_optimizer(model.parameters(), settings["optimizer"])
     state = LoopState(
@@ -670,13 +689,19 @@ def train_model(
         started = time.perf_counter()
         ctx.epoch = epoch
         lr = float(optimizer.param_groups[0]["lr"])
+        if resplit is not None:
+            model.eval()
+            pool = torch.from_numpy(selected_indices(resplit(epoch, model), n))
+            trained = len(pool)
         net.train()
-        order = shuffled(pool, n, generator)
+        order = shuffled(pool, n, generator, steps_per_epoch * batch_size if epoch_steps else None)
+        trained = len(order) if epoch_steps else trained
         order, padding = padded_order(order, batch_size) if runtime.compile else (order, 0)
+        last_batch = (len(order) + batch_size - 1) // batch_size - 1
         stats = EpochStats.zeros(n, device, record_dynamics)
         batches = data.batches(order, augment.to_device(order, device), batch_size)
         for number, (index, batch_u8) in enumerate(batches):
-            real = batch_size - padding if padding and number == steps_per_epoch - 1 else None
+            real = batch_size - padding if padding and number == last_batch else None
             batch = augmenter(batch_u8, targets[index], generator)
             output = train_step(net, batch, index, optimizer, state.schedule, stats, objective, ctx,
                                 None if sample_weights is None else sample_weights[index], real)

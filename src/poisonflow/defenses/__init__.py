@@ -39,6 +39,7 @@ class DefenseContext:
     # features of the released training images from a label-free extractor (the features stage
     # named by the entry's ``features`` key), row i ↔ training sample i; None when none is named
     features: np.ndarray | None = None
+    features_dir: Path | None = None  # that entry's folder (a SimCLR entry's backbone.pt is there)
 
     def fresh_model(self, offset: int = 0) -> torch.nn.Module:
         """An untrained victim-architecture model whose initialization depends only on the seed

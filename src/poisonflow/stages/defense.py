@@ -178,7 +178,8 @@ def run(args) -> None:
     screen_images, screen_truth = screening_set(clean, poisoned, args.seed)
     context = defender_context(clean, poisoned, training=training, build_model=fresh_model, victim=victim,
                                seed=args.seed, device=device, workdir=out / "work", screen_images=screen_images,
-                               features=read_features(args.features, poisoned))
+                               features=read_features(args.features, poisoned),
+                               features_dir=Path(args.features).parent if args.features else None)
     started = time.perf_counter()
     result = DEFENSES.get(spec["kind"], key=f"defenses.{args.name}.kind").run(spec, context)
     seconds = time.perf_counter() - started
