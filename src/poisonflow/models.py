@@ -309,3 +309,23 @@ def build_model(spec: dict, num_classes: int, image_size: int, seed: int | None 
             torch.manual_seed(seed)
         body, channels = factory(width=int(spec.get("width", DEFAULTS["width"])), image_size=image_size, stem=stem)
         return Classifier(body, channels, num_classes, spec.get("mean", DEFAULT_MEAN), spec.get("std", DEFAULT_STD))
+
+
+@torch.no_grad()
+def stage_ends(body: nn.Module, image_shape: tuple[int, int]) -> list[int]:
+    """Indices of the body's children that end a resolution stage (the spatial size changes after them)."""
+    if not isinstance(body, nn.Sequential):
+        raise TypeError(f"model.body must be an nn.Sequential to find its stages, got {type(body).__name__}")
+    parameter = next(body.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    was_training = body.training
+    body.eval()  # the probe must not move BatchNorm running statistics
+    try:
+        x = torch.zeros(1, 3, *image_shape, device=device)
+        sizes = []
+        for child in body:
+            x = child(x)
+            sizes.append(tuple(x.shape[-2:]))
+    finally:
+        body.train(was_training)
+    return [i for i, size in enumerate(sizes) if i == len(sizes) - 1 or sizes[i + 1] != size]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from poisonflow import mixmatch, trainer
+from poisonflow import mixmatch, splits, trainer
 from poisonflow.defenses import DEFENSES, dbd
 from poisonflow.errors import ConfigError
 from poisonflow.kinds import defaults_of
@@ -145,8 +145,8 @@ def test_dbd_splits_off_the_samples_whose_labels_disagree_with_a_trained_head(tm
                                 {**TINY_TRAINING, "epochs": 10}, seed=0).model
     flipped = labels.copy()
     flipped[:15] = (labels[:15] + 1) % 3
-    losses = dbd.per_sample_sce(model, images, flipped, 0.1, 1.0, "cpu")
-    labeled = dbd.lowest_share(losses, 0.5)
+    losses = splits.per_sample_sce(model, images, flipped, 0.1, 1.0, "cpu")
+    labeled = splits.lowest_share(losses, 0.5)
     assert labeled.sum() == 45 and not labeled[:15].any()
 
 

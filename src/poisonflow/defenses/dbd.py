@@ -40,7 +40,8 @@ from ..kinds import settings_for
 from ..losses import symmetric_cross_entropy
 from ..mixmatch import MixMatch
 from ..modelio import load_into
-from ..trainer import Objective, StepContext, StepOutput, images_to_tensor, to_float, train_model
+from ..splits import lowest_share, per_sample_sce
+from ..trainer import Objective, StepContext, StepOutput, train_model
 from . import DefenseContext, DefenseResult, merge
 
 
@@ -71,26 +72,6 @@ def head_objective(alpha: float, beta: float) -> Objective:
         return StepOutput(symmetric_cross_entropy(logits, batch.labels, alpha, beta), logits)
 
     return Objective(loss, {"dbd_head": {"alpha": alpha, "beta": beta}})
-
-
-@torch.no_grad()
-def per_sample_sce(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, alpha: float, beta: float,
-                   device, batch_size: int = 512) -> np.ndarray:
-    """Each sample's SCE under ``model`` in eval mode, on the images as they are."""
-    model.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = to_float(images_to_tensor(images[start:start + batch_size], device))
-        y = torch.as_tensor(labels[start:start + batch_size], device=device)
-        out.append(symmetric_cross_entropy(model(x).float(), y, alpha, beta).cpu())
-    return torch.cat(out).numpy()
-
-
-def lowest_share(losses: np.ndarray, share: float) -> np.ndarray:
-    """Bool mask of the int(share·N) lowest losses (ties by index)."""
-    mask = np.zeros(len(losses), dtype=bool)
-    mask[np.argsort(losses, kind="stable")[:int(share * len(losses))]] = True
-    return mask
 
 
 def mixmatch_settings(resolved: dict) -> dict:

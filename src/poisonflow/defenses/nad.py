@@ -42,6 +42,7 @@ from torch import nn
 
 from .. import augment
 from ..kinds import settings_for
+from ..models import stage_ends
 from ..trainer import Objective, StepContext, StepOutput, train_model
 from . import DefenseContext, DefenseResult, merge
 from .clean_data import clean_split
@@ -74,26 +75,6 @@ def attention_loss(student: torch.Tensor, teacher: torch.Tensor, power: float = 
                    distance: str = "mse") -> torch.Tensor:
     """AT loss between a student and a teacher feature map of the same shape."""
     return attention_distance(student, teacher, power, distance).mean()
-
-
-@torch.no_grad()
-def stage_ends(body: nn.Module, image_shape: tuple[int, int]) -> list[int]:
-    """Indices of the body's children that end a resolution stage (the spatial size changes after them)."""
-    if not isinstance(body, nn.Sequential):
-        raise TypeError(f"nad: model.body must be an nn.Sequential to find its stages, got {type(body).__name__}")
-    parameter = next(body.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    was_training = body.training
-    body.eval()  # the probe must not move BatchNorm running statistics
-    try:
-        x = torch.zeros(1, 3, *image_shape, device=device)
-        sizes = []
-        for child in body:
-            x = child(x)
-            sizes.append(tuple(x.shape[-2:]))
-    finally:
-        body.train(was_training)
-    return [i for i, size in enumerate(sizes) if i == len(sizes) - 1 or sizes[i + 1] != size]
 
 
 def distilled_modules(model: nn.Module, image_shape: tuple[int, int], stages: int) -> list[nn.Module]:
