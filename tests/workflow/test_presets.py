@@ -57,13 +57,15 @@ EXPECTED = {
     # victim each; A-ABL and fine-pruning against badnets and blended
     # GSSD on CIFAR-10: 7 attacks + BadNets at 0.1% (H.1); a SimCLR features job per poisoned set;
     # 7 × (NAD β × 5 + ABL γ × 3 + GSSD) + H.1 (ABL × 3, GSSD) + J.1 (3 discriminative)
-    "gssd-cifar10.yaml": {"victim": 8, "poison": 8, "features": 8, "surrogate": 1, "trigger": 1,
-                          "defense": 7 * (5 + 3 + 1) + (3 + 1) + 3},
+    # (GSSD's and DBD's SIMCLR: two each) 7 × (NAD β × 5 + ABL γ × 3 + DBD + ASD + GSSD) + H.1 (ABL × 3,
+    # DBD, ASD, GSSD) + J.1 (3 discriminative)
+    "gssd-cifar10.yaml": {"victim": 8, "poison": 8, "features": 2 * 8, "surrogate": 1, "trigger": 1,
+                          "defense": 7 * (5 + 3 + 3) + (3 + 3) + 3},
     # the same comparison without H.1 and J.1 on ImageNet-30 and VGGFace2-30
-    "gssd-imagenet30.yaml": {"victim": 7, "poison": 7, "features": 7, "surrogate": 1, "trigger": 1,
-                             "defense": 7 * (5 + 3 + 1)},
-    "gssd-vggface2.yaml": {"victim": 7, "poison": 7, "features": 7, "surrogate": 1, "trigger": 1,
-                           "defense": 7 * (5 + 3 + 1)},
+    "gssd-imagenet30.yaml": {"victim": 7, "poison": 7, "features": 2 * 7, "surrogate": 1, "trigger": 1,
+                             "defense": 7 * (5 + 3 + 3)},
+    "gssd-vggface2.yaml": {"victim": 7, "poison": 7, "features": 2 * 7, "surrogate": 1, "trigger": 1,
+                           "defense": 7 * (5 + 3 + 3)},
     "digits-32px.yaml": {"victim": 30, "poison": 30, "defense": 12, "surrogate": 1, "scores": 1},
 }
 
