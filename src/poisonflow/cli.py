@@ -25,6 +25,8 @@ STAGES = {
     "features": ("poisonflow.stages.features", True,
                  "self-supervised (SimCLR) or CLIP features of a poisoned store's released training set"),
     "victim": ("poisonflow.stages.victim", True, "train a model on a poisoned store and evaluate it"),
+    "split": ("poisonflow.stages.split", True,
+              "a splitting defense's split of a poisoned store's released training set (cached; trainings read it)"),
     "defense": ("poisonflow.stages.defense", True, "run a defense and evaluate the defended model"),
     "figures": ("poisonflow.stages.figures", False, "draw one entry of the figures: section from stored artifacts"),
     "aggregate": ("poisonflow.stages.aggregate", False, "collect metrics into tables and figures"),

@@ -321,6 +321,13 @@ class Config:
             kinds.DEFENSES.target(entry["kind"], key=f"defenses.{name}.kind")
             if "features" in entry:
                 self._check_names("features", [entry["features"]], f"defenses.{name}.features")
+            if "splitter" in entry:
+                self._check_names("defenses", [entry["splitter"]], f"defenses.{name}.splitter")
+                splitter = self.data["defenses"][entry["splitter"]]
+                if not kinds.DEFENSES.fragment(splitter["kind"]).split:
+                    splitting = sorted(f.kind for f in kinds.fragments() if f.split)
+                    raise ConfigError(f"defenses.{name}.splitter: '{entry['splitter']}' is of kind '{splitter['kind']}', "
+                                      f"which does not split (kinds that do: {', '.join(splitting)})")
         for name, entry in self.data["generators"].items():
             fragment = kinds.ATTACKS.fragment(entry["kind"], key=f"generators.{name}.kind")
             if not fragment.generator:

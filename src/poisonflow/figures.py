@@ -9,6 +9,7 @@ a legend or a colour bar.
 - :func:`forgetting_histogram` — forgetting events of one class (hard-sample paper, Fig. 3);
 - :func:`rate_curves` — a metric against the poisoning rate, one line per selection (Figs. 7–8);
 - :func:`transfer_heatmap` — ASR of surrogate (row) × victim (column) models (Figs. 9–11);
+- :func:`distance_histograms` — overlaid histograms of embedding distances (GSSD Fig. F.1);
 - :func:`tsne_panels` — a 2-D embedding (:func:`tsne_embedding`) of victim features, one panel
   per attack (Fig. 13).
 
@@ -139,6 +140,31 @@ def forgetting_histogram(events: np.ndarray, path: str | os.PathLike, title: str
     ax.set_ylabel("# samples")
     ax.set_title(title or f"{len(events)} samples")
     ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+# GSSD Fig. F.1's colours: the clean/poisoned pairs brown, intra-class blue, inter-class green
+DISTANCE_COLOURS = {"clean vs poisoned (same image)": "tab:brown", "intra-class": "tab:blue",
+                    "inter-class": "tab:green"}
+
+
+def distance_histograms(groups: dict, path: str | os.PathLike, title: str = "", bins: int = 50) -> Path:
+    """Overlaid density histograms of distances, one per group (name → 1-D array), common bins."""
+    plt = _pyplot()
+    values = [np.asarray(v, dtype=np.float64) for v in groups.values() if len(v)]
+    high = max(float(v.max()) for v in values) if values else 1.0
+    edges = np.linspace(0.0, high if high > 0 else 1.0, bins + 1)
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for name, distances in groups.items():
+        if len(distances):
+            ax.hist(distances, bins=edges, density=True, alpha=0.55, label=f"{name} ({len(distances)})",
+                    color=DISTANCE_COLOURS.get(name))
+    ax.set_xlabel("L2 distance between embeddings")
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, path)
 

@@ -13,6 +13,8 @@ The fragment is the one place of the kind's keys, types, ranges, defaults and de
     checks: {...}               # optional: declared checks (patch: fits the images; reserve: needs
                                 #   clean data; linf / changed_pixels: bounds the contract test asserts)
     tiny: {...}                 # optional: overrides for a seconds-long run on a tiny input (tests)
+    split: [key, ...]           # optional (defenses): the kind splits the training set with ``split(spec,
+                                #   ctx)``; its split, which depends on these keys only, is a cached job
     generator:                  # optional (backdoors): the kind's trigger is trained once per
       summary: ...              #   dataset by the trigger stage, from a ``generators:`` entry of
       properties: {...}         #   this kind with these keys (``seed`` is added); attack entries
@@ -80,7 +82,7 @@ ROLES = {
 # Keys the config adds to an entry when it resolves it (the named surrogate's own entry).
 RESOLVED_KEYS = ("surrogate_entry", "generator_entry")
 FRAGMENT_KEYS = {"kind", "role", "summary", "properties", "required", "allOf", "include", "capabilities", "checks",
-                 "tiny", "generator"}
+                 "tiny", "generator", "split"}
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,9 @@ class Fragment:
     checks: dict = field(default_factory=dict)
     tiny: dict = field(default_factory=dict)
     generator: dict = field(default_factory=dict)  # the generators-entry fragment, if the kind trains one
+    # a defense that splits the training set: the entry keys its split depends on (the split is then
+    # its own cached job, results/splits/…, that the defense and any `split-train` entry read)
+    split: tuple = ()
 
     def generator_block(self, definitions: dict) -> dict:
         """The JSON Schema of a ``generators:`` entry of this kind."""
@@ -155,7 +160,7 @@ def read_fragment(path: Path) -> Fragment:
         properties=data.get("properties") or {}, required=tuple(data.get("required") or ()),
         all_of=tuple(data.get("allOf") or ()), include=tuple(data.get("include") or ()),
         capabilities=capabilities, checks=data.get("checks") or {}, tiny=data.get("tiny") or {},
-        generator=data.get("generator") or {},
+        generator=data.get("generator") or {}, split=tuple(data.get("split") or ()),
     )
 
 

@@ -40,10 +40,11 @@ def describe_cache() -> Path:
 # The rules, and the stage each runs. The training stages declare gpu=1.
 RULE_STAGES = {"data": "data", "surrogate": "surrogate", "scores": "scores", "trigger": "trigger",
                "poison": "poison", "features": "features", "features_clip": "features", "victim": "victim",
+               "split": "split",
                "defense": "defense", "aggregate": "aggregate", "figure_forgetting": "figures",
-               "figure_tsne": "figures"}
-GPU_RULES = ("surrogate", "scores", "trigger", "poison", "features", "features_clip", "victim", "defense",
-             "figure_tsne")
+               "figure_tsne": "figures", "figure_embedding": "figures"}
+GPU_RULES = ("surrogate", "scores", "trigger", "poison", "features", "features_clip", "victim", "split", "defense",
+             "figure_tsne", "figure_embedding")
 
 # Peak resident memory of a job, MiB: BASE plus FACTOR × the dataset's uint8 images (train,
 # reserve and test) in MiB, rounded up to 256 MiB and raised by half on each retry. Measured with
@@ -57,14 +58,14 @@ GPU_RULES = ("surrogate", "scores", "trigger", "poison", "features", "features_c
 MEMORY = {  # rule: (BASE, FACTOR)
     "data": (1280, 4), "surrogate": (1536, 4), "scores": (1536, 4), "trigger": (1536, 4),
     "poison": (1536, 4), "features": (1536, 4), "features_clip": (2560, 4), "victim": (1536, 4),
-    "defense": (1536, 6), "aggregate": (512, 0),
-    "figure_forgetting": (768, 1), "figure_tsne": (1536, 4),
+    "split": (1536, 6), "defense": (1536, 6), "aggregate": (512, 0),
+    "figure_forgetting": (768, 1), "figure_tsne": (1536, 4), "figure_embedding": (1536, 4),
 }
 GPU_HOST_MEMORY = 1024  # not measured here (no GPU on the machine); a retry asks 1.5× more
 # Declared run times (minutes; a cluster's time limit), unchanged from the paper-scale presets.
-RUNTIME = {"data": 240, "surrogate": 720, "scores": 240, "trigger": 720, "poison": 240, "features": 1440,
+RUNTIME = {"data": 240, "surrogate": 720, "scores": 240, "trigger": 720, "poison": 240, "features": 1440, "split": 1440,
            "features_clip": 240, "victim": 1440, "defense": 2880, "aggregate": 60, "figure_forgetting": 60,
-           "figure_tsne": 240}
+           "figure_tsne": 240, "figure_embedding": 240}
 # Jobs per group when the config asks for grouping with `workflow: {group_small_jobs: true}`.
 DEFAULT_GROUP_SIZE = 20
 
@@ -221,15 +222,43 @@ class Plan:
         inputs = {"clean": f"{self.results}/data/{wildcards.dataset}.zarr",
                   "poison": root.format("poison") + f"/seed{wildcards.seed}.zarr",
                   "victim": f"{victim}/model.pt", "victim_metrics": f"{victim}/metrics.json"}
-        features = self.data["defenses"][wildcards.defense].get("features")
+        entry = self.data["defenses"][wildcards.defense]
+        features = entry.get("features")
         if features is not None:
             inputs["features"] = root.format("features") + f"/{features}/seed{wildcards.seed}/features.npz"
+        splitter = entry.get("splitter") or (wildcards.defense if self.splits(wildcards.defense) else None)
+        if splitter is not None:
+            inputs["split"] = self.split_path(wildcards, splitter)
         return inputs
+
+    def split_path(self, wildcards, defense: str) -> str:
+        return (f"{self.results}/splits/{wildcards.dataset}/{wildcards.attack}/{wildcards.training}"
+                f"/seed{wildcards.seed}/{defense}/split.npz")
 
     @staticmethod
     def defense_options(wildcards, input) -> list[str]:
         """Optional arguments of ``poisonflow defense``, one list item per shell word."""
-        return ["--features", input.features] if "features" in input.keys() else []
+        options = []
+        for name in ("features", "split"):
+            if name in input.keys():
+                options += [f"--{name}", input[name]]
+        return options
+
+    # -- splits: a splitting defense's split as its own job ---------------------------------------
+    def splits(self, defense: str) -> tuple:
+        """The entry keys the split of defenses entry ``defense`` depends on (empty: it does not split)."""
+        return kinds.DEFENSES.fragment(self.data["defenses"][defense]["kind"]).split
+
+    def split_wildcard(self) -> str:
+        """A wildcard pattern matching the defenses entries whose kind splits."""
+        return names_pattern(name for name in self.data["defenses"] if self.splits(name))
+
+    def split_spec(self, wildcards) -> str:
+        """The entry restricted to its kind and its split keys (resolved): editing any other key
+        leaves the split job's params, and so the split, as they are."""
+        entry = self.cfg.defense(wildcards.defense)
+        keys = ("kind", *self.splits(wildcards.defense))
+        return as_json({key: entry[key] for key in keys if key in entry})
 
     def defense_wildcard(self) -> str:
         """A wildcard pattern matching the defenses entries that run a job (not kind `none`)."""
@@ -239,6 +268,21 @@ class Plan:
         """The poison rule's benchmark file of every poisoned set the jobs use (generation time)."""
         return list(dict.fromkeys(f"{self.results}/benchmarks/poison/{j.dataset}/{j.attack}/seed{j.seed}.tsv"
                                   for j in self.jobs))
+
+    def defense_benchmarks(self) -> list[str]:
+        """The defense rule's benchmark file of every defense job (its wall clock, for the runtime view)."""
+        return list(dict.fromkeys(
+            f"{self.results}/benchmarks/defense/{j.dataset}/{j.attack}/{j.training}/seed{j.seed}/{j.defense}.tsv"
+            for j in self.jobs if j.defense not in self.undefended))
+
+    def features_benchmarks(self) -> list[str]:
+        """The features rules' benchmark file of every features job a defense job reads."""
+        out = []
+        for j in self.jobs:
+            features = self.data["defenses"][j.defense].get("features")
+            if features is not None and j.defense not in self.undefended:
+                out.append(f"{self.results}/benchmarks/features/{j.dataset}/{j.attack}/{features}/seed{j.seed}.tsv")
+        return list(dict.fromkeys(out))
 
     def names(self, field: str) -> list[str]:
         """Names of ``field`` (dataset, attack, training, defense) used by the jobs, in config order."""
@@ -282,6 +326,13 @@ class Plan:
             "victims": [root.format("victims") + f"/{a}/{entry['training']}/seed{entry['seed']}/model.pt"
                         for a in entry["attacks"]],
         }
+
+    def embedding_inputs(self, wildcards) -> dict:
+        entry = self.figures[wildcards.figure]
+        dataset, attack, seed = entry["dataset"], entry["attack"], entry["seed"]
+        return {"clean": f"{self.results}/data/{dataset}.zarr",
+                "poison": f"{self.results}/poison/{dataset}/{attack}/seed{seed}.zarr",
+                "backbone": f"{self.results}/features/{dataset}/{attack}/{entry['features']}/seed{seed}/backbone.pt"}
 
     def figure_spec(self, wildcards) -> str:
         return as_json(self.figures[wildcards.figure])

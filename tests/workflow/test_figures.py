@@ -379,3 +379,30 @@ def test_run_writes_the_report_views(results_dir, write_metrics):
     # the outputs that existed before the report keep their meaning
     assert pd.read_csv(results / "metrics.csv").shape == (5 * 2 * 2 - 2, 7)
     assert (results / "tables" / "summary.md").exists() and is_png(results / "figures" / "summary.png")
+
+
+def test_embedding_distances_pair_each_poisoned_image_with_its_clean_version():
+    from poisonflow.stages.figures import embedding_distances
+
+    clean = np.array([[0.0, 0.0], [3.0, 4.0], [0.0, 1.0], [10.0, 0.0]])
+    poisoned = clean.copy()
+    poisoned[1] += [0.0, 2.0]  # sample 1 poisoned: moved by 2
+    labels = np.array([0, 0, 1, 1])
+    flags = np.array([False, True, False, False])
+    groups = embedding_distances(clean, poisoned, labels, flags, pairs=50, seed=0)
+    np.testing.assert_allclose(groups["clean vs poisoned (same image)"], [2.0])
+    assert set(np.round(groups["intra-class"], 6)) <= {5.0, round(np.sqrt(101), 6)}
+    assert set(np.round(groups["inter-class"], 6)) <= {1.0, 10.0, round(np.sqrt(18), 6), round(np.sqrt(65), 6)}
+    assert len(groups["intra-class"]) > 0 and len(groups["inter-class"]) > 0
+
+
+def test_embedding_figure_entry_names_a_simclr_features_entry(tiny_config, load_config):
+    from poisonflow.errors import ConfigError
+    from poisonflow.stages.figures import check_figures
+
+    tiny_config["features"] = {"c": {"extractor": "clip", "weights": "w.pt"}}
+    tiny_config["figures"] = {"f": {"kind": "embedding-distances", "dataset": "digits", "attack": "a", "features": "c"}}
+    cfg = load_config({k: v for k, v in tiny_config.items() if k != "figures"})
+    entry = {"kind": "embedding-distances", "dataset": "digits", "attack": "a", "features": "c", "seed": 0}
+    with pytest.raises(ConfigError, match=r"^figures\.f\.features: 'c' is not a SimCLR entry"):
+        check_figures({**cfg.data, "figures": {"f": entry}}, cfg.describe)

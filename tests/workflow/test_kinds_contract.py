@@ -164,6 +164,20 @@ def defense_result(fragment, tmp_path, seed: int):
         training=TINY_TRAINING, build_model=fresh, victim=tiny_model(), seed=seed, device=torch.device("cpu"),
         workdir=tmp_path / f"work{seed}", num_classes=CLASSES, screen_images=screen)
     spec = tiny_entry(fragment)
+    if "features" in fragment.properties:  # what the features job hands it: features and a SimCLR backbone
+        from poisonflow.modelio import model_spec, save_model
+
+        context.features = np.random.default_rng(seed).normal(size=(len(labels), 8)).astype(np.float32)
+        context.features_dir = tmp_path / f"features{seed}"
+        context.features_dir.mkdir(parents=True, exist_ok=True)
+        save_model(build_model(TINY_MODEL, CLASSES, SIZE, seed=seed), context.features_dir / "backbone.pt",
+                   model_spec(TINY_MODEL, CLASSES, SIZE))
+        spec = {**spec, "features": "f"}
+    if "splitter" in fragment.properties:  # what the split job of its splitter hands it
+        from poisonflow.defenses import SplitResult
+
+        context.split = SplitResult(kept=np.arange(len(labels)) % 4 != 0)
+        spec = {**spec, "splitter": "s"}
     return kinds.DEFENSES.get(fragment.kind).run(spec, context), images
 
 

@@ -59,14 +59,20 @@ EXPECTED = {
     # 7 × (NAD β × 5 + ABL γ × 3 + GSSD) + H.1 (ABL × 3, GSSD) + J.1 (3 discriminative)
     # (GSSD's and DBD's SIMCLR: two each) 7 × (NAD β × 5 + ABL γ × 3 + DBD + ASD + GSSD) + H.1 (ABL × 3,
     # DBD, ASD, GSSD) + J.1 (3 discriminative)
-    "gssd-cifar10.yaml": {"victim": 8, "poison": 8, "features": 2 * 8, "surrogate": 1, "trigger": 1,
-                          "defense": 7 * (5 + 3 + 3) + (3 + 3) + 3},
+    # + appendix I: the adaptive attack (its generator, a victim, GSSD)
+    "gssd-cifar10.yaml": {"victim": 8 + 1, "poison": 8 + 1, "features": 2 * 8 + 1, "surrogate": 1, "trigger": 1 + 1,
+                          "defense": 7 * (5 + 3 + 3) + (3 + 3) + 3 + 1, "figure_embedding": 1},
+    # appendix K: K.1 4 attacks × 6 (α_C, α_P); K.2/K.4 2 LC rates × (4 β_D + 4 λ); K.6 4 rates × 5 β_ND;
+    # K.3/K.5 3 ImageNet-30 rates × 8; K.7 2 rates × 4 β_ND; one victim and features job per poisoned set
+    "gssd-hparams.yaml": {"victim": 9 + 5, "poison": 9 + 5, "features": 9 + 5, "surrogate": 1,
+                          "defense": 4 * 6 + 2 * 8 + 4 * 5 + 3 * 8 + 2 * 4},
     # the same comparison without H.1 and J.1 on ImageNet-30 and VGGFace2-30
     "gssd-imagenet30.yaml": {"victim": 7, "poison": 7, "features": 2 * 7, "surrogate": 1, "trigger": 1,
                              "defense": 7 * (5 + 3 + 3)},
     "gssd-vggface2.yaml": {"victim": 7, "poison": 7, "features": 2 * 7, "surrogate": 1, "trigger": 1,
                            "defense": 7 * (5 + 3 + 3)},
-    "digits-32px.yaml": {"victim": 30, "poison": 30, "defense": 12, "surrogate": 1, "scores": 1},
+    # (A-ABL's split a job of its own: one per A-ABL job)
+    "digits-32px.yaml": {"victim": 30, "poison": 30, "defense": 12, "split": 6, "surrogate": 1, "scores": 1},
 }
 
 

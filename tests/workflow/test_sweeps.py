@@ -95,7 +95,7 @@ def test_sweep_view_marks_the_lowest_asr_and_detection_view_lists_seeds():
     detections = pd.DataFrame([
         {"dataset": "d", "attack": "a", "training": "t", "defense": "gssd", "seed": 1, "detected": "0 (D), 3 (D)"},
         {"dataset": "d", "attack": "a", "training": "t", "defense": "gssd", "seed": 0, "detected": "0 (ND)"}])
-    assert detection_table(detections)["detected classes"].tolist() == ["seed 0: 0 (ND) | seed 1: 0 (D), 3 (D)"]
+    assert detection_table(detections)["detected classes"].tolist() == ["seed 0: 0 (ND); seed 1: 0 (D), 3 (D)"]
 
 
 def test_unswept_entries_keep_their_names_in_a_swept_config():
@@ -103,3 +103,31 @@ def test_unswept_entries_keep_their_names_in_a_swept_config():
     raw["defenses"]["none"] = {"kind": "none"}
     expanded, _ = sweeps.expand(raw)
     assert "none" in expanded["defenses"] and "ABL" not in expanded["defenses"]
+
+
+def test_runtime_view_adds_the_shared_features_job_to_each_defense_that_reads_it(tmp_path):
+    from poisonflow.stages.aggregate import job_seconds, runtime_table
+
+    results = tmp_path / "results"
+
+    def bench(relative: str, seconds: float) -> str:
+        path = results / "benchmarks" / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"s\th:m:s\tcpu_time\n{seconds}\t0:00:00\t1.0\n")
+        return str(path)
+
+    defense_files = [bench(f"defense/d/a/t/seed{s}/gssd.tsv", 10.0 + s) for s in (0, 1)]
+    defense_files.append(bench("defense/d/a/t/seed0/nad.tsv", 4.0))
+    features_files = [bench(f"features/d/a/simclr/seed{s}.tsv", 100.0) for s in (0, 1)]
+    metrics = pd.DataFrame([
+        {"dataset": "d", "attack": "a", "training": "t", "defense": "gssd", "seed": s, "metric": m, "value": v}
+        for s in (0, 1) for m, v in (("flows_seconds", 3.0), ("retrain_seconds", 6.0))])
+    experiment = {"defenses": {"gssd": {"kind": "gssd", "features": "simclr"}, "nad": {"kind": "nad"}}}
+    table = runtime_table(job_seconds(defense_files, results, "defense"),
+                          job_seconds(features_files, results, "features"), experiment, metrics,
+                          {"defense": ["nad", "gssd"]})
+    assert table.to_dict("records") == [
+        {"dataset": "d", "defense": "nad", "defense job": "4.0 s", "features job": "–", "total": "4.0 s",
+         "flows": "–", "retraining": "–"},
+        {"dataset": "d", "defense": "gssd", "defense job": "10.5 s", "features job": "100.0 s", "total": "110.5 s",
+         "flows": "3.0 s", "retraining": "6.0 s"}]

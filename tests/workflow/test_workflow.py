@@ -51,10 +51,16 @@ def job(rule, **wildcards):
     return (rule, *sorted(f"{k}={v}" for k, v in wildcards.items()))
 
 
+SPLITTING = {"aabl"}  # entries whose kind splits: their split is a job of its own
+
+
 def defense_jobs(attacks, defenses):
-    """The defense jobs; `none` (kind none) has none: the aggregate reads the victim's metrics."""
-    return {job("defense", dataset="digits", attack=a, training="fast", seed=0, defense=d)
-            for a in attacks for d in defenses if d != "none"}
+    """The defense jobs (and the split jobs of the splitting ones); `none` (kind none) has none: the
+    aggregate reads the victim's metrics."""
+    return ({job("defense", dataset="digits", attack=a, training="fast", seed=0, defense=d)
+             for a in attacks for d in defenses if d != "none"}
+            | {job("split", dataset="digits", attack=a, training="fast", seed=0, defense=d)
+               for a in attacks for d in defenses if d in SPLITTING})
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +116,7 @@ def test_every_job_leaves_a_log(workdir):
     expected |= {f"poison/digits/{a}/seed0.log" for a in ATTACKS}
     expected |= {f"victim/digits/{a}/fast/seed0.log" for a in ATTACKS}
     expected |= {f"defense/digits/{a}/fast/seed0/{d}.log" for a in ATTACKS for d in DEFENSES if d != "none"}
+    expected |= {f"split/digits/{a}/fast/seed0/{d}.log" for a in ATTACKS for d in DEFENSES if d in SPLITTING}
     assert logs == expected
     victim = (workdir / "results/logs/victim/digits/badnets/fast/seed0.log").read_text()
     assert "results/victims/digits/badnets/fast/seed0: acc=" in victim

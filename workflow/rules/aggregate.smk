@@ -1,5 +1,5 @@
-# aggregate: every defense metrics.json (the victim's for a defense of kind `none`), the poison
-# jobs' benchmark files and the configured figures → metrics.csv, summary tables, the summary
+# aggregate: every defense metrics.json (the victim's for a defense of kind `none`), the poison,
+# defense and features jobs' benchmark files and the configured figures → metrics.csv, summary tables, the summary
 # figure and the paper-style views of results/report/.
 
 
@@ -10,6 +10,8 @@ rule aggregate:
         metrics=PLAN.defense_metrics(),
         undefended=PLAN.undefended_metrics(),
         benchmarks=PLAN.poison_benchmarks(),
+        defense_benchmarks=PLAN.defense_benchmarks(),
+        features_benchmarks=PLAN.features_benchmarks(),
         # not read: listed so that the default target also draws the configured figures
         figures=PLAN.configured_figures(),
     output:
@@ -37,4 +39,5 @@ rule aggregate:
     shell:
         "{params.run} aggregate --results {params.results:q} --metrics {input.metrics:q}"
         " --undefended {params.undefended:q} --benchmarks {input.benchmarks:q}"
+        " --defense-benchmarks {input.defense_benchmarks:q} --features-benchmarks {input.features_benchmarks:q}"
         " --experiment {params.experiment:q} > {log:q} 2>&1"

@@ -22,6 +22,8 @@ rule defense:
         out=PLAN.dirname("model"),
         code=PLAN.code("defense", "defense"),
         options=PLAN.defense_options,
+    benchmark:
+        f"{RESULTS}/benchmarks/defense/{{dataset}}/{{attack}}/{{training}}/seed{{seed}}/{{defense}}.tsv"
     threads: THREADS
     resources:
         gpu=PLAN.gpu("defense"),

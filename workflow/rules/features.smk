@@ -24,6 +24,8 @@ rule features:
         spec=PLAN.spec("features"),
         out=PLAN.dirname("info"),
         code=PLAN.code("features"),
+    benchmark:
+        f"{RESULTS}/benchmarks/features/{{dataset}}/{{attack}}/{{features}}/seed{{seed}}.tsv"
     threads: THREADS
     resources:
         gpu=PLAN.gpu("features"),
@@ -52,6 +54,8 @@ rule features_clip:
         spec=PLAN.spec("features"),
         out=PLAN.dirname("info"),
         code=PLAN.code("features"),
+    benchmark:
+        f"{RESULTS}/benchmarks/features/{{dataset}}/{{attack}}/{{features}}/seed{{seed}}.tsv"
     threads: THREADS
     resources:
         gpu=PLAN.gpu("features_clip"),

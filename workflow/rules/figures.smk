@@ -55,3 +55,29 @@ rule figure_tsne:
         "{params.run} figures --spec {params.spec:q} --training {params.training:q} --names {params.names:q}"
         " --poison {input.poison:q} --victims {input.victims:q} --threads {threads} --out {output:q}"
         " > {log:q} 2>&1"
+
+
+rule figure_embedding:
+    conda:
+        "../envs/poisonflow.yaml"
+    input:
+        unpack(PLAN.embedding_inputs),
+    output:
+        report(f"{RESULTS}/figures/embedding-distances/{{figure}}.png", caption="../report/embedding.rst",
+               category="Figures", subcategory="embedding distances", labels={"figure": "{figure}"}),
+    log:
+        PLAN.log("figure_embedding", "{figure}"),
+    wildcard_constraints:
+        figure=PLAN.figure_wildcard("embedding-distances"),
+    params:
+        run=POISONFLOW,
+        spec=PLAN.figure_spec,
+        code=PLAN.code("figures"),
+    threads: THREADS
+    resources:
+        gpu=PLAN.gpu("figure_embedding"),
+        mem_mb=PLAN.mem_mb("figure_embedding"),
+        runtime=PLAN.runtime("figure_embedding"),
+    shell:
+        "{params.run} figures --spec {params.spec:q} --clean {input.clean:q} --poison {input.poison:q}"
+        " --backbone {input.backbone:q} --threads {threads} --out {output:q} > {log:q} 2>&1"

@@ -40,6 +40,9 @@ class DefenseContext:
     # named by the entry's ``features`` key), row i ↔ training sample i; None when none is named
     features: np.ndarray | None = None
     features_dir: Path | None = None  # that entry's folder (a SimCLR entry's backbone.pt is there)
+    # the split of a splitting defense, computed by its own cached job (the split stage): a splitting
+    # kind uses it instead of splitting again; a ``split-train`` entry trains on it
+    split: SplitResult | None = None
 
     def fresh_model(self, offset: int = 0) -> torch.nn.Module:
         """An untrained victim-architecture model whose initialization depends only on the seed
@@ -48,6 +51,45 @@ class DefenseContext:
 
         torch.manual_seed(self.seed + offset)
         return self.build_model()
+
+
+@dataclass
+class SplitResult:
+    """A splitting defense's verdict on the released training set, without ground truth: which
+    samples it keeps, per-sample scores and the thresholds drawn on them, and its own metrics."""
+    kept: np.ndarray  # bool (N,)
+    sample_scores: dict = field(default_factory=dict)  # name → (N,) float
+    thresholds: dict = field(default_factory=dict)  # score name → threshold
+    metrics: dict = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        """``split.npz``: ``kept``, each score as ``score:<name>``, thresholds and metrics as JSON."""
+        import json
+
+        import numpy as np
+
+        from ..checkpoint import atomic_write
+
+        arrays = {"kept": np.asarray(self.kept, dtype=bool),
+                  "thresholds": np.array(json.dumps(self.thresholds)), "metrics": np.array(json.dumps(self.metrics)),
+                  **{f"score:{name}": np.asarray(values) for name, values in self.sample_scores.items()}}
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **arrays)
+
+        atomic_write(Path(path), write)
+
+    @classmethod
+    def load(cls, path: Path) -> "SplitResult":
+        import json
+
+        import numpy as np
+
+        with np.load(path, allow_pickle=False) as stored:
+            return cls(kept=stored["kept"].astype(bool),
+                       sample_scores={k[len("score:"):]: stored[k] for k in stored.files if k.startswith("score:")},
+                       thresholds=json.loads(str(stored["thresholds"])), metrics=json.loads(str(stored["metrics"])))
 
 
 @dataclass

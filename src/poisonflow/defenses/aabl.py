@@ -43,7 +43,7 @@ from ..kinds import settings_for
 from ..losses import symmetric_cross_entropy
 from ..thresholds import otsu_threshold
 from ..trainer import images_to_tensor, to_float, train_model
-from . import DefenseContext, DefenseResult, merge
+from . import DefenseContext, DefenseResult, SplitResult, merge
 
 
 ATTACK_LOSSES: dict[str, Callable[[dict], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]] = {
@@ -133,12 +133,21 @@ def adversarial_training(ctx: DefenseContext, kept: np.ndarray, stage3: dict) ->
     return result.model
 
 
-def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
+def split(spec: dict, ctx: DefenseContext) -> SplitResult:
+    """Stages 1 and 2: the naive model and the vulnerability split (``stage1`` and ``split`` keys only)."""
     resolved = settings_for(__name__, spec)
     stage1_model = naive_training(ctx, resolved["stage1"])
-    split = cached_split(stage1_model, ctx, resolved["split"])
-    model = adversarial_training(ctx, split.kept, resolved["stage3"])
-    metrics = {"gamma": float(split.kept.mean()), "threshold": float(split.threshold)}
-    return DefenseResult(model=model, metrics=metrics, kept=split.kept,
-                         sample_scores={"SCE before iFGSM": split.clean_losses, "SCE after iFGSM": split.losses},
-                         thresholds={"SCE after iFGSM": float(split.threshold)})
+    result = cached_split(stage1_model, ctx, resolved["split"])
+    return SplitResult(kept=result.kept,
+                       sample_scores={"SCE before iFGSM": result.clean_losses, "SCE after iFGSM": result.losses},
+                       thresholds={"SCE after iFGSM": float(result.threshold)},
+                       metrics={"gamma": float(result.kept.mean()), "threshold": float(result.threshold)})
+
+
+def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
+    """Stage 3 on the split (the split job's, when the workflow gives one; else computed here)."""
+    resolved = settings_for(__name__, spec)
+    vulnerable = ctx.split if ctx.split is not None else split(spec, ctx)
+    model = adversarial_training(ctx, vulnerable.kept, resolved["stage3"])
+    return DefenseResult(model=model, metrics=dict(vulnerable.metrics), kept=vulnerable.kept,
+                         sample_scores=vulnerable.sample_scores, thresholds=vulnerable.thresholds)

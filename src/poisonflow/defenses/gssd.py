@@ -31,6 +31,7 @@ there too (``plan.npz``), so a killed job resumes without refitting anything fin
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +132,9 @@ def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
             raise ConfigError("gssd.targets: classifier discriminative cannot detect; name the target classes")
         if max(resolved["targets"]) >= ctx.num_classes:
             raise ConfigError(f"gssd.targets: class {max(resolved['targets'])} of {ctx.num_classes}")
+    started = time.perf_counter()
     plan, log_probs = verdict(ctx, resolved)
+    flows_seconds = time.perf_counter() - started
     if not plan.kept.any():
         raise ConfigError("gssd: the filter kept no sample to retrain on (lower alpha_c / alpha_c_disruptive?)")
     workdir = Path(ctx.workdir)
@@ -145,10 +148,12 @@ def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
                             checkpoint=workdir / "finetune.pt", history=workdir / "history-finetune.csv",
                             desc="gssd fine-tune").model
     model.eval()
+    retrain_seconds = time.perf_counter() - started - flows_seconds
     flows = resolved["classifier"] == "flows"
     own = "flow_nll" if flows else "classifier_nll"
     # given classes (discriminative) are not a detection: not scored as one
     metrics = {"detected_classes" if flows else "given_classes": sorted(plan.flagged), "attack_types": [plan.flagged[c] for c in sorted(plan.flagged)],
-               "relabeled": int(len(plan.relabeled)), own: own_class_nll(log_probs, ctx.train_labels)}
+               "relabeled": int(len(plan.relabeled)), own: own_class_nll(log_probs, ctx.train_labels),
+               "flows_seconds": flows_seconds, "retrain_seconds": retrain_seconds}
     return DefenseResult(model=model, metrics=metrics, kept=plan.kept.copy(), relabeled=plan.relabeled,
                          new_labels=plan.new_labels)

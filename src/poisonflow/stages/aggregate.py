@@ -22,6 +22,8 @@ config (``--experiment``); a view is written only where the config has its struc
 - ``sweeps.{csv,md}`` — every value of a swept key (``{sweep: [...]}``, :mod:`poisonflow.sweeps`)
   with ACC and ASR, and the value of lowest mean ASR marked (the papers' choice, made on test data);
 - ``detections.{csv,md}`` — the classes a detecting defense (GSSD) flagged, per seed;
+- ``runtime.{csv,md}`` — wall-clock time of each defense's jobs and of the features job it reads,
+  and GSSD's stages (GSSD Tables G.1 and G.2), from the rules' benchmark files and the jobs' clocks;
 - ``efficiency.{csv,md}`` — seconds spent generating each poisoned set: the generation time the
   poison stage records in its store (``timing.generation_seconds``: the attack's own computation,
   without process start-up, reading or writing), next to the whole job's wall-clock and CPU
@@ -88,6 +90,12 @@ def add_arguments(parser) -> None:
                              "without it only metrics.csv, the summary tables and the summary figure are written")
     parser.add_argument("--benchmarks", nargs="*", default=[], metavar="TSV",
                         help="the poison rule's Snakemake benchmark files (job wall-clock and CPU seconds)")
+    parser.add_argument("--defense-benchmarks", nargs="*", default=[], metavar="TSV",
+                        help="the defense rule's benchmark files, results/benchmarks/defense/DATASET/ATTACK/"
+                             "TRAINING/seedN/DEFENSE.tsv (the runtime view)")
+    parser.add_argument("--features-benchmarks", nargs="*", default=[], metavar="TSV",
+                        help="the features rules' benchmark files, results/benchmarks/features/DATASET/ATTACK/"
+                             "FEATURES/seedN.tsv (the runtime view)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,6 +484,61 @@ def read_benchmarks(paths: list[Path], results: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["dataset", "attack", "seed", "seconds", "cpu_seconds", "generation_seconds"])
 
 
+def job_seconds(paths: list, results: Path, kind: str) -> pd.DataFrame:
+    """Wall-clock seconds of the defense or features jobs from their benchmark files: dataset,
+    attack, seed, name (the training/defense pair, or the features entry) and seconds."""
+    rows = []
+    for path in paths:
+        parts = Path(path).resolve().relative_to((results / "benchmarks" / kind).resolve()).parts
+        bench = pd.read_csv(path, sep="\t")
+        seconds = float(bench["s"].astype(float).mean())
+        if kind == "defense":  # dataset/attack/training/seedN/defense.tsv
+            rows.append({"dataset": parts[0], "attack": parts[1], "training": parts[2], "seed": int(parts[3][4:]),
+                         "name": parts[4][:-4], "seconds": seconds})
+        else:  # dataset/attack/features/seedN.tsv
+            rows.append({"dataset": parts[0], "attack": parts[1], "training": None, "seed": int(parts[3][4:-4]),
+                         "name": parts[2], "seconds": seconds})
+    return pd.DataFrame(rows, columns=["dataset", "attack", "training", "seed", "name", "seconds"])
+
+
+RUNTIME_NOTE = ("Wall-clock time per defense job, mean over attacks and seeds (Snakemake benchmark files: the "
+                "whole job, start-up included). features: the features job the defense reads (one per poisoned "
+                "set, shared by every defense naming it); total: both (GSSD Table G.1). For GSSD its stages "
+                "(Table G.2): SimCLR (the features job), flows (fitting, detection, filtering), retraining "
+                "(from scratch and the fine-tuning), from the job's own clock.")
+
+
+def runtime_table(defenses: pd.DataFrame, features: pd.DataFrame, experiment: dict, metrics: pd.DataFrame,
+                  order: dict) -> pd.DataFrame | None:
+    """Rows: (dataset, defense); columns: defense job, features job, total, and GSSD's stages."""
+    if defenses.empty:
+        return None
+    entries = experiment.get("defenses", {})
+    rows = []
+    for (dataset, defense), part in defenses.groupby(["dataset", "name"], sort=False):
+        row = {"dataset": dataset, "defense": defense, "defense job": duration(part["seconds"].mean())}
+        total = part["seconds"].to_numpy(dtype=float)
+        name = (entries.get(defense) or {}).get("features")
+        if name is not None and not features.empty:
+            shared = features[(features["name"] == name) & (features["dataset"] == dataset)].set_index(["attack", "seed"])
+            matched = [shared.at[(a, s), "seconds"] if (a, s) in shared.index else float("nan")
+                       for a, s in zip(part["attack"], part["seed"])]
+            row["features job"] = duration(float(np.nanmean(matched))) if np.isfinite(matched).any() else "–"
+            total = total + np.nan_to_num(np.asarray(matched, dtype=float))
+        else:
+            row["features job"] = "–"
+        row["total"] = duration(float(total.mean()))
+        stages = metrics[(metrics["dataset"] == dataset) & (metrics["defense"] == defense)]
+        for metric, label in (("flows_seconds", "flows"), ("retrain_seconds", "retraining")):
+            values = stages[stages["metric"] == metric]["value"]
+            row[label] = duration(float(values.mean())) if len(values) else "–"
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    defense_order = order.get("defense", [])
+    table["_order"] = [defense_order.index(d) if d in defense_order else len(defense_order) for d in table["defense"]]
+    return table.sort_values(["dataset", "_order"], kind="stable").drop(columns="_order").reset_index(drop=True)
+
+
 def duration(seconds: float) -> str:
     """Seconds as the papers write times: s below two minutes, min below two hours, else h."""
     if seconds < 120:
@@ -593,7 +656,7 @@ def detection_table(rows: pd.DataFrame) -> pd.DataFrame | None:
         return None
     rows = rows.sort_values("seed", kind="stable")
     grouped = rows.groupby(KEYS, sort=False).apply(
-        lambda g: " | ".join(f"seed {s}: {d}" for s, d in zip(g["seed"], g["detected"])), include_groups=False)
+        lambda g: "; ".join(f"seed {s}: {d}" for s, d in zip(g["seed"], g["detected"])), include_groups=False)
     return grouped.rename("detected classes").reset_index()
 
 
@@ -602,9 +665,12 @@ DETECTION_NOTE = ("Classes the defense flagged as attack targets, per seed (D: d
 
 
 def write_report(annotated: pd.DataFrame, order: dict, benchmarks: pd.DataFrame, folder: Path,
-                 sweeps: dict | None = None, detections: pd.DataFrame | None = None) -> list[str]:
+                 sweeps: dict | None = None, detections: pd.DataFrame | None = None,
+                 runtime: pd.DataFrame | None = None) -> list[str]:
     """Write every view the config has the structure for into ``folder``; return the file names."""
     written: list[str] = []
+    if runtime is not None:
+        written += _write_table(runtime, folder / "runtime", RUNTIME_NOTE)
     table = sweep_table(annotated, sweeps or {})
     if table is not None:
         written += _write_table(table, folder / "sweeps", SWEEP_NOTE)
@@ -667,6 +733,9 @@ def run(args) -> None:
         report = results / "report"
         shutil.rmtree(report, ignore_errors=True)  # views the config no longer has must not linger
         benchmarks = read_benchmarks([Path(p) for p in getattr(args, "benchmarks", [])], results)
+        runtime = runtime_table(job_seconds(getattr(args, "defense_benchmarks", None) or [], results, "defense"),
+                                job_seconds(getattr(args, "features_benchmarks", None) or [], results, "features"),
+                                experiment, table, experiment.get("order", {}))
         written = write_report(annotate(summary, experiment), experiment.get("order", {}), benchmarks, report,
-                               experiment.get("sweeps", {}), detection_rows(paths, results))
+                               experiment.get("sweeps", {}), detection_rows(paths, results), runtime)
         print(f"{report}: " + (", ".join(written) or "no view applies"))

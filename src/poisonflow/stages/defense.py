@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..defenses import DEFENSES, DefenseContext
+from ..defenses import DEFENSES, DefenseContext, SplitResult
 from .common import SEED_HELP, THREADS_HELP, parse_json, read_json, set_threads, write_json
 
 
@@ -37,6 +37,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--features", metavar="NPZ",
                         help="features.npz of the features stage on the same poisoned store (defenses that name "
                              "a features entry)")
+    parser.add_argument("--split", metavar="NPZ",
+                        help="split.npz of the split stage: a splitting defense's split (its own, or the one a "
+                             "split-train entry trains on)")
     parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
 
 
@@ -92,6 +95,15 @@ def write_sample_scores(out: Path, result, poisoned: np.ndarray, title: str) -> 
 
     atomic_write(out / "scores.npz", write)
     score_distributions(result.sample_scores, poisoned, out / "scores.png", result.thresholds, title)
+
+
+def split_metrics(kept, truth) -> dict:
+    """How a split compares with ground truth (scored after it was made): ``gamma`` the kept share,
+    ``rho_vul`` the poison share among the kept, ``poison_removed`` and ``clean_lost``."""
+    kept, truth = np.asarray(kept, dtype=bool), np.asarray(truth, dtype=bool)
+    return {"gamma": float(kept.mean()), "rho_vul": float(truth[kept].mean()) if kept.any() else 0.0,
+            "poison_removed": float((~kept[truth]).mean()) if truth.any() else 0.0,
+            "clean_lost": float((~kept[~truth]).mean()) if (~truth).any() else 0.0}
 
 
 def read_features(path: str | None, poisoned) -> np.ndarray | None:
@@ -179,7 +191,8 @@ def run(args) -> None:
     context = defender_context(clean, poisoned, training=training, build_model=fresh_model, victim=victim,
                                seed=args.seed, device=device, workdir=out / "work", screen_images=screen_images,
                                features=read_features(args.features, poisoned),
-                               features_dir=Path(args.features).parent if args.features else None)
+                               features_dir=Path(args.features).parent if args.features else None,
+                               split=SplitResult.load(args.split) if args.split else None)
     started = time.perf_counter()
     result = DEFENSES.get(spec["kind"], key=f"defenses.{args.name}.kind").run(spec, context)
     seconds = time.perf_counter() - started
@@ -188,12 +201,7 @@ def run(args) -> None:
     metrics.update(result.metrics)
     metrics["defense_seconds"] = seconds
     if result.kept is not None:  # scoring with ground truth, after the defense has finished
-        truth = poisoned["train/poisoned"]
-        kept = np.asarray(result.kept, dtype=bool)
-        metrics["gamma"] = float(kept.mean())
-        metrics["rho_vul"] = float(truth[kept].mean()) if kept.any() else 0.0
-        metrics["poison_removed"] = float((~kept[truth]).mean()) if truth.any() else 0.0
-        metrics["clean_lost"] = float((~kept[~truth]).mean()) if (~truth).any() else 0.0
+        metrics.update(split_metrics(result.kept, poisoned["train/poisoned"]))
     metrics.update(relabel_metrics(result, poisoned))
     metrics.update(detection_of_targets(result.metrics.get("detected_classes"), poisoned))
     if result.sample_scores:  # plotted against ground truth, after the defense has finished
@@ -207,7 +215,7 @@ def run(args) -> None:
     provenance = record(
         "defense", entry=spec, name=args.name, seed=args.seed, device=device,
         inputs=[args.clean, args.poison, Path(args.victim_dir) / "model.pt", Path(args.victim_dir) / "metrics.json",
-                *([args.features] if args.features else [])],
+                *([args.features] if args.features else []), *([args.split] if args.split else [])],
         code=["poisonflow.stages.defense", DEFENSES.module_name(spec["kind"])],
         extra={"training": training, "evaluation": evaluation})
     save_model(result.model, out / "model.pt", architecture, provenance)

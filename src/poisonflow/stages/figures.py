@@ -8,6 +8,9 @@ The entry (``--spec``, validated, schema defaults filled) names its ``kind``; ea
 
 - ``forgetting`` reads the surrogate's ``dynamics.npz`` (``--dynamics``) and the clean store
   (``--clean``: training labels, class names);
+- ``embedding-distances`` reads a features entry's SimCLR backbone (``--backbone``), the poisoned
+  store (``--poison``) and the clean store (``--clean``: the clean twin of each poisoned training
+  image, for this analysis of the attack, not for any defense);
 - ``tsne`` reads one victim ``model.pt`` (``--victims``) and its poisoned store (``--poison``) per
   attack (``--names``), with the victims' resolved trainings entry (``--training``); features on
   the CPU.
@@ -40,6 +43,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--names", nargs="+", help="tsne: attack names, one per panel")
     parser.add_argument("--poison", nargs="+", metavar="STORE", help="tsne: poisoned stores, one per attack")
     parser.add_argument("--victims", nargs="+", metavar="MODEL", help="tsne: victim model.pt files, one per attack")
+    parser.add_argument("--backbone", metavar="MODEL",
+                        help="embedding-distances: the features entry's SimCLR backbone.pt (trained on the poisoned set)")
     parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
 
 
@@ -170,6 +175,56 @@ def draw_tsne(entry: dict, args) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
+# embedding-distances: how far a trigger moves an image in self-supervised space (GSSD Fig. F.1)
+# --------------------------------------------------------------------------------------------
+
+def check_embedding_distances(config: dict, entry: dict, key: str, describe: Callable[[str], dict]) -> None:
+    _check_name(config, "datasets", entry["dataset"], f"{key}.dataset")
+    _check_name(config, "attacks", entry["attack"], f"{key}.attack")
+    _check_name(config, "features", entry["features"], f"{key}.features")
+    if config["features"][entry["features"]].get("extractor", "simclr") != "simclr":
+        raise ConfigError(f"{key}.features: '{entry['features']}' is not a SimCLR entry (the figure embeds with its backbone)")
+
+
+def embedding_distances(clean: np.ndarray, poisoned: np.ndarray, labels: np.ndarray, flags: np.ndarray,
+                        pairs: int, seed: int) -> dict[str, np.ndarray]:
+    """L2 distances between embeddings: each poisoned sample's clean and poisoned version, and
+    ``pairs`` random pairs of clean samples of the same and of different true labels."""
+    rng = np.random.default_rng([seed, 3])
+    twins = np.linalg.norm(clean[flags] - poisoned[flags], axis=1)
+    first, second = rng.integers(0, len(labels), (2, pairs * 4))
+    keep = first != second
+    first, second = first[keep], second[keep]
+    same = labels[first] == labels[second]
+    distances = np.linalg.norm(clean[first] - clean[second], axis=1)
+    return {"clean vs poisoned (same image)": twins, "intra-class": distances[same][:pairs],
+            "inter-class": distances[~same][:pairs]}
+
+
+def draw_embedding_distances(entry: dict, args) -> Path:
+    from ..embeddings import embed_images
+    from ..figures import distance_histograms
+    from ..modelio import load_model
+    from ..store import read_store
+
+    set_threads(args.threads)
+    clean_store, store = read_store(args.clean), read_store(args.poison[0])
+    poisoned_images = store["train/images"]
+    clean_images = clean_store["train/images"]
+    if len(clean_images) != len(poisoned_images):
+        raise ConfigError(f"--clean, --poison: {len(clean_images)} and {len(poisoned_images)} training images "
+                          f"(not the same dataset entry?)")
+    backbone = load_model(args.backbone, "cpu").eval()
+    clean = embed_images(backbone.features, clean_images, "cpu", desc="clean embeddings")
+    poisoned = embed_images(backbone.features, poisoned_images, "cpu", desc="poisoned embeddings")
+    groups = embedding_distances(clean, poisoned, np.asarray(store["train/true_labels"]),
+                                 np.asarray(store["train/poisoned"], dtype=bool), int(entry["pairs"]),
+                                 int(entry["seed"]))
+    title = f"{entry['attack']} on {entry['dataset']}, seed {entry['seed']}: {entry['features']} embeddings"
+    return distance_histograms(groups, args.out, title, int(entry["bins"]))
+
+
+# --------------------------------------------------------------------------------------------
 # The kinds: one per value of the schema's figures.*.kind (its defaults live in the schema only)
 # --------------------------------------------------------------------------------------------
 
@@ -183,4 +238,6 @@ class FigureKind:
 KINDS: dict[str, FigureKind] = {
     "forgetting": FigureKind(("clean", "dynamics"), check_forgetting, draw_forgetting),
     "tsne": FigureKind(("training", "names", "poison", "victims"), check_tsne, draw_tsne),
+    "embedding-distances": FigureKind(("clean", "poison", "backbone"), check_embedding_distances,
+                                      draw_embedding_distances),
 }
