@@ -120,3 +120,19 @@ def test_a_splitter_that_does_not_split_is_refused(tiny_config, load_config):
     tiny_config["defenses"]["t"] = {"kind": "split-train", "splitter": "missing"}
     with pytest.raises(ConfigError, match=r"^defenses\.t\.splitter: no defenses entry named 'missing'"):
         load_config(tiny_config)
+
+
+def test_dst_splits_in_three_groups_and_trains_on_a_given_split(tmp_path, monkeypatch):
+    from poisonflow.defenses import dst
+
+    ctx = defense_utils.tiny_context(tmp_path, n=40)
+    spec = {"kind": "d-st", "sd_training": {"epochs": 1}, "sd_finetune": {"epochs": 1},
+            "extractor": {"epochs": 1, "batch_size": 16}, "classifier": {"epochs": 1, "batch_size": 16}}
+    found = dst.split(spec, ctx)
+    assert set(np.unique(found.groups)) <= {dst.CLEAN, dst.UNCERTAIN, dst.POISONED}
+    assert (found.kept == (found.groups == dst.CLEAN)).all() and found.metrics["clean"] == found.kept.sum()
+    found.save(tmp_path / "split.npz")
+    ctx.split = SplitResult.load(tmp_path / "split.npz")
+    monkeypatch.setattr(dst, "sd_model", lambda *a: pytest.fail("the split was computed again"))
+    result = dst.run(spec, ctx)
+    assert (result.kept == found.kept).all()

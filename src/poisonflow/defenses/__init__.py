@@ -61,9 +61,11 @@ class SplitResult:
     sample_scores: dict = field(default_factory=dict)  # name → (N,) float
     thresholds: dict = field(default_factory=dict)  # score name → threshold
     metrics: dict = field(default_factory=dict)
+    groups: np.ndarray | None = None  # int (N,): a finer split than kept (D-ST: clean / uncertain / poisoned)
 
     def save(self, path: Path) -> None:
-        """``split.npz``: ``kept``, each score as ``score:<name>``, thresholds and metrics as JSON."""
+        """``split.npz``: ``kept``, each score as ``score:<name>``, thresholds and metrics as JSON,
+        ``groups`` where there are any."""
         import json
 
         import numpy as np
@@ -73,6 +75,8 @@ class SplitResult:
         arrays = {"kept": np.asarray(self.kept, dtype=bool),
                   "thresholds": np.array(json.dumps(self.thresholds)), "metrics": np.array(json.dumps(self.metrics)),
                   **{f"score:{name}": np.asarray(values) for name, values in self.sample_scores.items()}}
+        if self.groups is not None:
+            arrays["groups"] = np.asarray(self.groups)
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as handle:
@@ -89,7 +93,8 @@ class SplitResult:
         with np.load(path, allow_pickle=False) as stored:
             return cls(kept=stored["kept"].astype(bool),
                        sample_scores={k[len("score:"):]: stored[k] for k in stored.files if k.startswith("score:")},
-                       thresholds=json.loads(str(stored["thresholds"])), metrics=json.loads(str(stored["metrics"])))
+                       thresholds=json.loads(str(stored["thresholds"])), metrics=json.loads(str(stored["metrics"])),
+                       groups=stored["groups"] if "groups" in stored.files else None)
 
 
 @dataclass

@@ -80,7 +80,7 @@ from .. import fingerprint
 from ..kinds import settings_for
 from ..simclr import simclr_view
 from ..trainer import Objective, StepOutput, images_to_tensor, to_float, train_model
-from . import DefenseContext, DefenseResult, merge
+from . import DefenseContext, DefenseResult, SplitResult, merge
 
 # The split's flags per training sample.
 CLEAN, UNCERTAIN, POISONED = 0, 1, 2
@@ -365,20 +365,31 @@ def train_classifier(backbone: nn.Module, ctx: DefenseContext, flags: np.ndarray
     return backbone.eval()
 
 
-def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
+def split(spec: dict, ctx: DefenseContext) -> SplitResult:
+    """SD: the sensitivity model and the FCT split (clean / uncertain / poisoned in ``groups``;
+    ``kept`` the clean ones), from the ``sd_*``, ``fct``, ratio and batch keys only."""
     resolved = settings_for(__name__, spec)
-    split = cached_split(sd_model(ctx, resolved), ctx, resolved)
-    flags = split["flags"]
+    found = cached_split(sd_model(ctx, resolved), ctx, resolved)
+    flags = found["flags"]
+    metrics = {"clean": int((flags == CLEAN).sum()), "uncertain": int((flags == UNCERTAIN).sum()),
+               "poisoned": int((flags == POISONED).sum()), "gamma_c": found["gamma_c"], "gamma_p": found["gamma_p"]}
+    # one FCT panel per threshold (the figure draws one threshold per named score)
+    scores = {"FCT, clean cut γ_c": found["scores"], "FCT, poisoned cut γ_p": found["scores"]}
+    thresholds = {"FCT, clean cut γ_c": found["gamma_c"]}
+    if math.isfinite(found["gamma_p"]):
+        thresholds["FCT, poisoned cut γ_p"] = found["gamma_p"]
+    return SplitResult(kept=flags == CLEAN, sample_scores=scores, thresholds=thresholds, metrics=metrics,
+                       groups=flags)
+
+
+def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
+    """ST on the split (the split job's, when the workflow gives one; else computed here)."""
+    resolved = settings_for(__name__, spec)
+    found = ctx.split if ctx.split is not None and ctx.split.groups is not None else split(spec, ctx)
+    flags = np.asarray(found.groups)
     if not (flags == CLEAN).any():
         raise ValueError("d-st: the split found no clean samples; the classifier has nothing to learn from")
     backbone = train_extractor(ctx, flags, resolved)
     model = train_classifier(backbone, ctx, flags, resolved)
-    metrics = {"clean": int((flags == CLEAN).sum()), "uncertain": int((flags == UNCERTAIN).sum()),
-               "poisoned": int((flags == POISONED).sum()), "gamma_c": split["gamma_c"], "gamma_p": split["gamma_p"]}
-    # one FCT panel per threshold (the figure draws one threshold per named score)
-    scores = {"FCT, clean cut γ_c": split["scores"], "FCT, poisoned cut γ_p": split["scores"]}
-    thresholds = {"FCT, clean cut γ_c": split["gamma_c"]}
-    if math.isfinite(split["gamma_p"]):
-        thresholds["FCT, poisoned cut γ_p"] = split["gamma_p"]
-    return DefenseResult(model=model, metrics=metrics, kept=flags == CLEAN, sample_scores=scores,
-                         thresholds=thresholds)
+    return DefenseResult(model=model, metrics=dict(found.metrics), kept=flags == CLEAN,
+                         sample_scores=found.sample_scores, thresholds=found.thresholds)
