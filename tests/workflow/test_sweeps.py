@@ -11,7 +11,7 @@ import pytest
 
 from poisonflow import sweeps
 from poisonflow.errors import ConfigError
-from poisonflow.stages.aggregate import detection_table, sweep_table
+from poisonflow.stages.aggregate import chosen_table, detection_table, sweep_table
 from workflow_utils import planned_jobs, write_config
 
 
@@ -92,6 +92,9 @@ def test_sweep_view_marks_the_lowest_asr_and_detection_view_lists_seeds():
     assert list(table["value"]) == ["gamma 0.0", "gamma 0.2", "gamma 0.4"]
     assert list(table["chosen"]) == ["", "✓", ""]
     assert list(table["asr"]) == ["90.00 ± –", "10.00 ± –", "50.00 ± –"]
+    chosen = chosen_table(table)
+    assert chosen.to_dict("records") == [{"dataset": "d", "attack": "a", "training": "t", "entry": "ABL",
+                                          "chosen value": "gamma 0.2", "acc": "80.00 ± –", "asr": "10.00 ± –"}]
     detections = pd.DataFrame([
         {"dataset": "d", "attack": "a", "training": "t", "defense": "gssd", "seed": 1, "detected": "0 (D), 3 (D)"},
         {"dataset": "d", "attack": "a", "training": "t", "defense": "gssd", "seed": 0, "detected": "0 (ND)"}])
