@@ -136,3 +136,20 @@ def test_dst_splits_in_three_groups_and_trains_on_a_given_split(tmp_path, monkey
     monkeypatch.setattr(dst, "sd_model", lambda *a: pytest.fail("the split was computed again"))
     result = dst.run(spec, ctx)
     assert (result.kept == found.kept).all()
+
+
+@pytest.mark.parametrize("perturbation", ["randaugment", "autoaugment"])
+def test_aabl_can_split_under_a_strong_augmentation_instead_of_ifgsm(perturbation):
+    """A-ABL's Table 5: the SCE after RandAugment / AutoAugment in place of iFGSM, seeded."""
+    from poisonflow.defenses import aabl
+    from poisonflow.kinds import settings_for
+    from poisonflow.models import build_model
+
+    images, labels = defense_utils.synthetic_images(24, size=8)
+    torch.manual_seed(0)
+    model = build_model(defense_utils.TINY_TRAINING["model"], 3, 8)
+    split = settings_for(aabl.__name__, {"kind": "aabl", "split": {"perturbation": perturbation}})["split"]
+    before, after = aabl.adversarial_sce(model, images, labels, split, "cpu", defense_utils.TINY_TRAINING)
+    again_before, again = aabl.adversarial_sce(model, images, labels, split, "cpu", defense_utils.TINY_TRAINING)
+    np.testing.assert_array_equal(after, again)
+    assert not np.allclose(before, after)

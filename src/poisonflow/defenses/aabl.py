@@ -14,7 +14,8 @@ weight on the ground-truth label of each sample" (Sec. 4), with "OTSU [53] to se
 threshold with the maximal variance between two clusters" on that SCE distribution (Fig. 9). Which
 loss iFGSM itself ascends is not stated: ``split.attack_loss`` (default ce, the standard iFGSM).
 The iFGSM step is the paper's 2/255 ("By using iFGSM with a step size equal to 2/255", Sec. 3), so
-its first step already reaches the ε = 2/255 budget.
+its first step already reaches the ε = 2/255 budget. ``split.perturbation: randaugment |
+autoaugment`` measures the SCE under a strong augmentation instead (the paper's Table 5).
 
 Both training stages and the split are checkpointed in the defense's work directory, so a killed
 job resumes where it stopped. The defense never sees which samples are poisoned.
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import augment
 from .. import checkpoint as checkpoints
 from .. import fingerprint
 from ..adversarial import ifgsm
@@ -70,11 +72,20 @@ def naive_training(ctx: DefenseContext, stage1: dict) -> torch.nn.Module:
     return result.model
 
 
+def augmented(names: list[str], images_u8: torch.Tensor, generator: torch.Generator, settings: dict) -> torch.Tensor:
+    """Table 5's alternative to iFGSM: the uint8 batch under a strong augmentation, as floats."""
+    return to_float(augment.apply(names, images_u8, generator, settings=settings))
+
+
 def adversarial_sce(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, split: dict,
-                    device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+                    device: torch.device | str = "cpu", settings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-sample SCE of uint8 NHWC ``images`` and of their iFGSM adversarial examples (model in
-    eval mode): (before, after)."""
+    eval mode): (before, after). With ``split.perturbation`` randaugment or autoaugment, the
+    augmented images (``settings``: the training entry's augmentation settings) replace the
+    adversarial ones."""
     model.eval()
+    perturbation = split.get("perturbation", "ifgsm")
+    generator = torch.Generator().manual_seed(0)
     attack_loss = ATTACK_LOSSES[split["attack_loss"]](split)
     eps, steps = float(split["eps"]), int(split["steps"])
     step = None if split["step"] is None else float(split["step"])
@@ -82,9 +93,13 @@ def adversarial_sce(model: torch.nn.Module, images: np.ndarray, labels: np.ndarr
     losses, clean_losses = [], []
     for start in tqdm(range(0, len(images), batch_size), desc="aabl split", unit="batch", leave=False,
                       dynamic_ncols=True):
-        x = to_float(images_to_tensor(images[start:start + batch_size], device))
+        x_u8 = images_to_tensor(images[start:start + batch_size], device)
+        x = to_float(x_u8)
         y = torch.as_tensor(np.asarray(labels[start:start + batch_size]), dtype=torch.long, device=device)
-        x_adv = ifgsm(model, x, y, eps, steps, step, loss_fn=attack_loss)
+        if perturbation == "ifgsm":
+            x_adv = ifgsm(model, x, y, eps, steps, step, loss_fn=attack_loss)
+        else:
+            x_adv = augmented([perturbation], x_u8, generator, settings or {})
         with torch.no_grad():
             for batch, out in ((x, clean_losses), (x_adv, losses)):
                 out.append(symmetric_cross_entropy(model(batch), y, float(split["sce_alpha"]),
@@ -96,9 +111,9 @@ def adversarial_sce(model: torch.nn.Module, images: np.ndarray, labels: np.ndarr
 
 
 def split_by_vulnerability(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, split: dict,
-                           device: torch.device | str = "cpu") -> VulnerabilitySplit:
-    """Stage 2: keep the samples whose adversarial SCE lies above the Otsu threshold."""
-    clean_losses, losses = adversarial_sce(model, images, labels, split, device)
+                           device: torch.device | str = "cpu", settings: dict | None = None) -> VulnerabilitySplit:
+    """Stage 2: keep the samples whose adversarial (or augmented) SCE lies above the Otsu threshold."""
+    clean_losses, losses = adversarial_sce(model, images, labels, split, device, settings)
     threshold = otsu_threshold(losses, bins=int(split["bins"]))
     return VulnerabilitySplit(kept=losses > threshold, threshold=threshold, losses=losses, clean_losses=clean_losses)
 
@@ -112,7 +127,7 @@ def cached_split(model: torch.nn.Module, ctx: DefenseContext, split: dict) -> Vu
     """
 
     def compute() -> dict:
-        result = split_by_vulnerability(model, ctx.train_images, ctx.train_labels, split, ctx.device)
+        result = split_by_vulnerability(model, ctx.train_images, ctx.train_labels, split, ctx.device, ctx.training)
         return {"kept": torch.from_numpy(result.kept), "threshold": float(result.threshold),
                 "losses": torch.from_numpy(result.losses), "clean_losses": torch.from_numpy(result.clean_losses)}
 
@@ -138,9 +153,11 @@ def split(spec: dict, ctx: DefenseContext) -> SplitResult:
     resolved = settings_for(__name__, spec)
     stage1_model = naive_training(ctx, resolved["stage1"])
     result = cached_split(stage1_model, ctx, resolved["split"])
-    return SplitResult(kept=result.kept,
-                       sample_scores={"SCE before iFGSM": result.clean_losses, "SCE after iFGSM": result.losses},
-                       thresholds={"SCE after iFGSM": float(result.threshold)},
+    perturbation = {"ifgsm": "iFGSM", "randaugment": "RandAugment", "autoaugment": "AutoAugment"}[
+        resolved["split"]["perturbation"]]
+    before, after = f"SCE before {perturbation}", f"SCE after {perturbation}"
+    return SplitResult(kept=result.kept, sample_scores={before: result.clean_losses, after: result.losses},
+                       thresholds={after: float(result.threshold)},
                        metrics={"gamma": float(result.kept.mean()), "threshold": float(result.threshold)})
 
 
