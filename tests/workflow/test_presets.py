@@ -72,6 +72,11 @@ EXPECTED = {
     "gssd-vggface2.yaml": {"victim": 7, "poison": 7, "features": 2 * 7, "surrogate": 1, "trigger": 1,
                            "defense": 7 * (5 + 3 + 3)},
     # (A-ABL's split a job of its own: one per A-ABL job)
+    # A-ABL on CIFAR-10: 8 attacks (No-Attack included) + 18 rate variants; victims: 8 ResNet-18, 8 × 3
+    # other architectures, 18; defenses: 8 × 7 (Tables 1-3) + 7 × 3 (Tables 4, 5) + 24 (Table 6) + 18;
+    # splits: A-ABL 8 + 24 + 18, D-ST 8 (shared by D-ST-AT), Table 5's two A-ABL variants 7 each
+    "aabl-cifar10.yaml": {"victim": 8 + 24 + 18, "poison": 8 + 18, "defense": 8 * 7 + 7 * 3 + 24 + 18,
+                          "split": 8 + 24 + 18 + 8 + 2 * 7, "features": 8, "surrogate": 2, "trigger": 3},
     "digits-32px.yaml": {"victim": 30, "poison": 30, "defense": 12, "split": 6, "surrogate": 1, "scores": 1},
 }
 
