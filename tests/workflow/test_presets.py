@@ -77,6 +77,10 @@ EXPECTED = {
     # splits: A-ABL 8 + 24 + 18, D-ST 8 (shared by D-ST-AT), Table 5's two A-ABL variants 7 each
     "aabl-cifar10.yaml": {"victim": 8 + 24 + 18, "poison": 8 + 18, "defense": 8 * 7 + 7 * 3 + 24 + 18,
                           "split": 8 + 24 + 18 + 8 + 2 * 7, "features": 8, "surrogate": 2, "trigger": 3},
+    # Tables 1-3 on GTSRB and Tiny-ImageNet: 8 attacks × 7 defense jobs each; splits of A-ABL and D-ST;
+    # LC's surrogate and Trojan's per dataset; the three generators per dataset
+    "aabl-gtsrb-tinyimagenet.yaml": {"victim": 2 * 8, "poison": 2 * 8, "defense": 2 * 8 * 7, "split": 2 * 8 * 2,
+                                     "features": 2 * 8, "surrogate": 2 * 2, "trigger": 2 * 3},
     "digits-32px.yaml": {"victim": 30, "poison": 30, "defense": 12, "split": 6, "surrogate": 1, "scores": 1},
 }
 
@@ -87,7 +91,8 @@ def placeholder_root(workdir: Path, spec: dict) -> None:
     not in a dry run), or the image folder's train/ (class counts come from the config)."""
     root = workdir / spec["root"]
     files = {"cifar10": ["cifar-10-python.tar.gz"], "cifar100": ["cifar-100-python.tar.gz"],
-             "svhn": ["train_32x32.mat", "test_32x32.mat"], "tiny-imagenet": ["tiny-imagenet-200.zip"]}
+             "svhn": ["train_32x32.mat", "test_32x32.mat"], "tiny-imagenet": ["tiny-imagenet-200.zip"],
+             "gtsrb": ["GTSRB-Training_fixed.zip", "GTSRB_Final_Test_Images.zip", "GTSRB_Final_Test_GT.zip"]}
     if spec["source"] == "imagefolder":
         (root / spec.get("train_dir", "train")).mkdir(parents=True, exist_ok=True)
         return
