@@ -134,3 +134,24 @@ def test_runtime_view_adds_the_shared_features_job_to_each_defense_that_reads_it
          "flows": "–", "retraining": "–"},
         {"dataset": "d", "defense": "gssd", "defense job": "10.5 s", "features job": "100.0 s", "total": "110.5 s",
          "flows": "3.0 s", "retraining": "6.0 s"}]
+
+
+def test_defense_layout_has_attack_rows_defense_columns_and_average_and_worst_rows():
+    from poisonflow.stages.aggregate import defense_layouts
+
+    rows = []
+    values = {("clean", "none"): (0.9, None, 0.5), ("clean", "A"): (0.8, None, 0.4),
+              ("b1", "none"): (0.9, 1.0, 0.1), ("b1", "A"): (0.8, 0.02, 0.4),
+              ("b2", "none"): (0.9, 1.0, 0.0), ("b2", "A"): (0.7, 0.10, 0.3)}
+    for (attack, defense), (acc, asr, ra) in values.items():
+        for metric, value in (("acc", acc), ("asr", asr), ("pgd_acc", ra)):
+            if value is not None:
+                rows.append({"dataset": "d", "attack": attack, "training": "t", "defense": defense, "metric": metric,
+                             "mean": value, "std": np.nan, "n": 1})
+    layout = defense_layouts(pd.DataFrame(rows), {"defense": ["none", "A"], "attack": ["clean", "b1", "b2"]})[("d", "t")]
+    assert list(layout.columns) == ["attack", "none ACC", "none ASR", "none RA", "A ACC", "A ASR", "A RA"]
+    table = layout.set_index("attack")
+    assert table.loc["clean", "none ASR"] == "–" and table.loc["b1", "A ASR"] == "2.00"
+    assert table.loc["Average", "A ACC"] == "75.00" and table.loc["Average", "A ASR"] == "6.00"
+    assert table.loc["Worst Case", "A ACC"] == "70.00" and table.loc["Worst Case", "A ASR"] == "10.00"
+    assert table.loc["Worst Case", "A RA"] == "30.00"

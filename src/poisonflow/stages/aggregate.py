@@ -19,6 +19,8 @@ config (``--experiment``); a view is written only where the config has its struc
 - ``unlearnable.{csv,md}`` — clean test accuracy of the attacks evaluated without an ASR set
   (unlearnable examples, clean baselines), columns: whatever varies among dataset, training
   and defense (TriggerUE, Tables 1, 3, 4, 5);
+- ``defenses_{dataset}_{training}.{csv,md}`` — rows attacks, columns defense × (ACC, ASR, RA), with
+  the Average and Worst Case rows (A-ABL Table 3's layout);
 - ``sweeps.{csv,md}`` — every value of a swept key (``{sweep: [...]}``, :mod:`poisonflow.sweeps`)
   with ACC and ASR, and the value of lowest mean ASR marked (the papers' choice, made on test data);
 - ``sweeps_chosen.{csv,md}`` — each swept entry at its lowest-ASR value only (the papers' tables);
@@ -441,6 +443,49 @@ def unlearnable_table(annotated: pd.DataFrame, order: dict) -> pd.DataFrame | No
     return pd.DataFrame(rows, columns=["method", *settings])
 
 
+LAYOUT_METRICS = (("acc", "ACC"), ("asr", "ASR"), ("pgd_acc", "RA"))
+LAYOUT_NOTE = ("Values in %, mean over seeds. Rows: attacks (a row without ASR is an attack-free baseline: "
+               "\"----\" in the A-ABL paper); columns: defense × metric (RA: accuracy under the evaluation's PGD). "
+               "Average and Worst Case over the attacks with an ASR: mean, and the lowest ACC and RA and highest "
+               "ASR.")
+
+
+def defense_layouts(annotated: pd.DataFrame, order: dict) -> dict:
+    """The papers' defense tables (A-ABL Table 3): one per (dataset, training) with at least two
+    defenses and an attack with an ASR; rows attacks, columns defense × (ACC, ASR, RA), then the
+    Average and Worst Case rows."""
+    layouts = {}
+    for (dataset, training), part in annotated.groupby(["dataset", "training"], sort=False):
+        defenses = _ordered(part["defense"], order.get("defense", []))
+        with_asr = _ordered(part.loc[part["metric"] == "asr", "attack"], order.get("attack", []))
+        if len(defenses) < 2 or not with_asr:
+            continue
+        present = set(part["metric"])
+        metrics = [(m, label) for m, label in LAYOUT_METRICS if m in present]
+        means = part.set_index(["attack", "defense", "metric"])["mean"]
+        columns = [f"{d} {label}" for d in defenses for _, label in metrics]
+        rows, values = [], {}
+        for attack in _ordered(part["attack"], order.get("attack", [])):
+            row = {"attack": attack}
+            for d in defenses:
+                for m, label in metrics:
+                    value = means.get((attack, d, m), float("nan"))
+                    row[f"{d} {label}"] = f"{100 * value:.2f}" if np.isfinite(value) else "–"
+                    if attack in with_asr:
+                        values.setdefault(f"{d} {label}", []).append(value)
+            rows.append(row)
+        worst = {"ACC": np.nanmin, "ASR": np.nanmax, "RA": np.nanmin}
+        for name, reduce in (("Average", lambda label: np.nanmean), ("Worst Case", lambda label: worst[label])):
+            row = {"attack": name}
+            for column in columns:
+                column_values = np.asarray(values.get(column, []), dtype=float)
+                label = column.rsplit(" ", 1)[1]
+                row[column] = (f"{100 * reduce(label)(column_values):.2f}" if np.isfinite(column_values).any() else "–")
+            rows.append(row)
+        layouts[(dataset, training)] = pd.DataFrame(rows, columns=["attack", *columns])
+    return layouts
+
+
 # --------------------------------------------------------------------------------------------
 # Generation time (Snakemake benchmark files of the poison rule)
 # --------------------------------------------------------------------------------------------
@@ -711,6 +756,8 @@ def write_report(annotated: pd.DataFrame, order: dict, benchmarks: pd.DataFrame,
             f"Mean ASR (%) of {selection_label(selection)} selection; rows: source (surrogate) model, "
             "columns: victim model; Vanilla = random selection.",
             header={c: display_name(c) for c in shown.columns})
+    for (dataset, training), layout in defense_layouts(annotated, order).items():
+        written += _write_table(layout, folder / f"defenses_{dataset}_{training}", LAYOUT_NOTE)
     table = unlearnable_table(annotated, order)
     if table is not None:
         written += _write_table(table, folder / "unlearnable",
