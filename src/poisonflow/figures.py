@@ -9,6 +9,7 @@ a legend or a colour bar.
 - :func:`forgetting_histogram` — forgetting events of one class (hard-sample paper, Fig. 3);
 - :func:`rate_curves` — a metric against the poisoning rate, one line per selection (Figs. 7–8);
 - :func:`transfer_heatmap` — ASR of surrogate (row) × victim (column) models (Figs. 9–11);
+- :func:`sweep_curves` — a metric against a swept value, one line per attack (A-ABL Figs. 3, 5, 6);
 - :func:`distance_histograms` — overlaid histograms of embedding distances (GSSD Fig. F.1);
 - :func:`tsne_panels` — a 2-D embedding (:func:`tsne_embedding`) of victim features, one panel
   per attack (Fig. 13).
@@ -191,6 +192,32 @@ def rate_curves(curves, path: str | os.PathLike, ylabel: str) -> Path:
         ax.set_title(display_setting(panel), fontsize=9)
         ax.set_xlabel("poisoning rate (%)")
         ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+SWEEP_METRIC_LABELS = {"asr": "ASR (%)", "acc": "ACC (%)", "pgd_acc": "RA (%)"}
+
+
+def sweep_curves(curves, path: str | os.PathLike, xlabel: str) -> Path:
+    """``curves``: columns metric, line, value, mean, std (fractions). One panel per metric (ASR,
+    ACC, RA), one line per ``line`` (an attack, or a defense), mean ± std in % against the swept value."""
+    plt = _pyplot()
+    metrics = [m for m in SWEEP_METRIC_LABELS if m in set(curves["metric"])]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.3), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        part = curves[curves["metric"] == metric]
+        for line in dict.fromkeys(part["line"]):
+            points = part[part["line"] == line].sort_values("value")
+            ax.errorbar(points["value"].to_numpy(float), 100 * points["mean"].to_numpy(float),
+                        yerr=100 * np.nan_to_num(points["std"].to_numpy(float)), marker="o", capsize=3,
+                        label=display_name(line))
+        mean, std = 100 * part["mean"].to_numpy(float), 100 * np.nan_to_num(part["std"].to_numpy(float))
+        ax.set_ylim(*percent_limits(mean - std, mean + std))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(SWEEP_METRIC_LABELS[metric])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -75,7 +75,8 @@ EXPECTED = {
     # A-ABL on CIFAR-10: 8 attacks (No-Attack included) + 18 rate variants; victims: 8 ResNet-18, 8 × 3
     # other architectures, 18; defenses: 8 × 7 (Tables 1-3) + 7 × 3 (Tables 4, 5) + 24 (Table 6) + 18;
     # splits: A-ABL 8 + 24 + 18, D-ST 8 (shared by D-ST-AT), Table 5's two A-ABL variants 7 each
-    "aabl-cifar10.yaml": {"victim": 8 + 24 + 18, "poison": 8 + 18, "defense": 8 * 7 + 7 * 3 + 24 + 18,
+    # + Figure 7 (Adv-Train on the 18 rate sets), Figure 6 (7 attacks × 4 ε)
+    "aabl-cifar10.yaml": {"victim": 8 + 24 + 18, "poison": 8 + 18, "defense": 8 * 7 + 7 * 3 + 24 + 18 + 18 + 7 * 4,
                           "split": 8 + 24 + 18 + 8 + 2 * 7, "features": 8, "surrogate": 2, "trigger": 3},
     # Tables 1-3 on GTSRB and Tiny-ImageNet: 8 attacks × 7 defense jobs each; splits of A-ABL and D-ST;
     # LC's surrogate and Trojan's per dataset; the three generators per dataset

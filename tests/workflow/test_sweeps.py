@@ -155,3 +155,19 @@ def test_defense_layout_has_attack_rows_defense_columns_and_average_and_worst_ro
     assert table.loc["Average", "A ACC"] == "75.00" and table.loc["Average", "A ASR"] == "6.00"
     assert table.loc["Worst Case", "A ACC"] == "70.00" and table.loc["Worst Case", "A ASR"] == "10.00"
     assert table.loc["Worst Case", "A RA"] == "30.00"
+
+
+def test_a_numeric_sweep_becomes_curves_per_attack_and_a_figure(tmp_path):
+    from poisonflow.figures import sweep_curves
+    from poisonflow.stages.aggregate import sweep_curve_frames
+
+    rows = [{"dataset": "d", "attack": attack, "training": "t", "defense": f"AT.eps-{eps}", "metric": "asr",
+             "mean": asr, "std": np.nan, "n": 1}
+            for attack, points in (("b1", ((2, 0.9), (8, 0.1))), ("b2", ((2, 1.0), (8, 0.5))))
+            for eps, asr in points]
+    record = {"defenses": {"AT": {"AT.eps-2": {"training.adversarial.eps": 2}, "AT.eps-8": {"training.adversarial.eps": 8}}}}
+    key, curves = sweep_curve_frames(pd.DataFrame(rows), record)[("defenses", "AT")]
+    assert key == "training.adversarial.eps"
+    b1 = curves[curves["line"] == "b1"].sort_values("value")
+    assert b1["value"].tolist() == [2.0, 8.0] and b1["mean"].tolist() == [0.9, 0.1]
+    assert sweep_curves(curves, tmp_path / "s.png", key).stat().st_size > 1000

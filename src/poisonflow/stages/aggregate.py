@@ -23,6 +23,8 @@ config (``--experiment``); a view is written only where the config has its struc
   the Average and Worst Case rows (A-ABL Table 3's layout);
 - ``sweeps.{csv,md}`` — every value of a swept key (``{sweep: [...]}``, :mod:`poisonflow.sweeps`)
   with ACC and ASR, and the value of lowest mean ASR marked (the papers' choice, made on test data);
+- ``sweep_{entry}.png`` (and ``.csv``) — ASR, ACC and RA against a swept numeric key, one line per
+  attack (A-ABL Figs. 3, 5, 6: ASR against ε, iFGSM steps, the adversarial-training budget);
 - ``sweeps_chosen.{csv,md}`` — each swept entry at its lowest-ASR value only (the papers' tables);
 - ``detections.{csv,md}`` — the classes a detecting defense (GSSD) flagged, per seed;
 - ``runtime.{csv,md}`` — wall-clock time of each defense's jobs and of the features job it reads,
@@ -49,7 +51,7 @@ import numpy as np
 
 from .common import parse_json, read_json
 from ..figures import (SELECTION_NAMES, attack_label, display_name, rate_curves, save_figure, selection_label,
-                       transfer_heatmap, unique_labels)
+                       sweep_curves, transfer_heatmap, unique_labels)
 
 
 class _OnUse:
@@ -680,6 +682,31 @@ def sweep_table(summary: pd.DataFrame, sweeps: dict) -> pd.DataFrame | None:
     return pd.DataFrame(rows)
 
 
+def sweep_curve_frames(summary: pd.DataFrame, sweeps: dict) -> dict:
+    """For each swept entry with one numeric swept key: (its key, the curves: metric, line, value,
+    mean, std), a line per attack (a swept defense) or per defense (a swept attack)."""
+    frames = {}
+    for section, field, other in (("defenses", "defense", "attack"), ("attacks", "attack", "defense")):
+        for base, variants in sweeps.get(section, {}).items():
+            keys = {key for values in variants.values() for key in values}
+            if len(keys) != 1:
+                continue
+            key = keys.pop()
+            numbers = {name: values[key] for name, values in variants.items()}
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers.values()):
+                continue
+            part = summary[summary[field].isin(list(numbers)) & summary["metric"].isin(["asr", "acc", "pgd_acc"])]
+            if part.empty:
+                continue
+            lines = part[other] if part[["dataset", "training"]].drop_duplicates().shape[0] == 1 else (
+                part[other] + " (" + part["dataset"] + ", " + part["training"] + ")")
+            frames[(section, base)] = (key, pd.DataFrame({
+                "metric": part["metric"].to_numpy(), "line": lines.to_numpy(),
+                "value": [float(numbers[v]) for v in part[field]], "mean": part["mean"].to_numpy(),
+                "std": part["std"].to_numpy()}))
+    return frames
+
+
 CHOSEN_NOTE = ("The paper's choice for each swept entry: the value of lowest mean ASR (ACC and ASR in %, mean ± std "
                "over seeds). This choice reads the test set, as the GSSD paper's searches of NAD's β and ABL's γ "
                "did; a defender could not make it. Every value: sweeps.md.")
@@ -733,6 +760,11 @@ def write_report(annotated: pd.DataFrame, order: dict, benchmarks: pd.DataFrame,
     if table is not None:
         written += _write_table(table, folder / "sweeps", SWEEP_NOTE)
         written += _write_table(chosen_table(table), folder / "sweeps_chosen", CHOSEN_NOTE)
+    for (section, base), (key, curves) in sweep_curve_frames(annotated, sweeps or {}).items():
+        png = folder / f"sweep_{base}.png"
+        sweep_curves(curves, png, f"{base}: {key}")
+        _atomic_text(curves.to_csv(index=False), png.with_suffix(".csv"))
+        written += _figure_files(png) + [png.with_suffix(".csv").name]
     table = detection_table(detections) if detections is not None else None
     if table is not None:
         written += _write_table(table, folder / "detections", DETECTION_NOTE)
