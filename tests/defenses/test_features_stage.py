@@ -384,3 +384,20 @@ def test_features_entry_errors_name_the_key(tiny_config, load_config):
     tiny_config["features"] = {"f": {"extractor": "clip", "weights": "w.pt", "epochs": 3}}
     with pytest.raises(ConfigError, match=r"^features\.f\.epochs: unknown key"):
         load_config(tiny_config)
+
+
+def test_features_do_not_depend_on_labels_or_poison_flags(tmp_path, store_arrays):
+    """The defender's features come from the released images alone: a store with other labels,
+    poison flags and true labels gives the same features, so nothing downstream (GSSD, DBD) can
+    recover the ground truth from them."""
+    from poisonflow.store import write_store
+
+    arrays = store_arrays(n=40, size=8, classes=2)
+    other = {**arrays, "train/labels": 1 - arrays["train/labels"], "train/poisoned": ~arrays["train/poisoned"],
+             "train/true_labels": np.zeros_like(arrays["train/true_labels"])}
+    features = []
+    for name, content in (("a", arrays), ("b", other)):
+        write_store(tmp_path / f"{name}.zarr", content, {"classes": ["a", "b"]})
+        assert run_stage("s", TINY_SPEC, tmp_path / f"{name}.zarr", tmp_path / name) == 0
+        features.append(np.load(tmp_path / name / "features.npz")["features"])
+    np.testing.assert_array_equal(features[0], features[1])

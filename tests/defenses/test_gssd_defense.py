@@ -96,10 +96,13 @@ def test_clean_features_flag_nothing_and_keep_everything(tmp_path):
 def test_the_verdict_is_stored_and_a_rerun_reads_it(tmp_path, monkeypatch):
     ctx, _, _ = planted_context(tmp_path)
     first = DEFENSES.get("gssd").run(TINY, ctx)
-    assert (ctx.workdir / "plan.npz").exists()
+    assert (ctx.workdir / "densities.pt").exists()
     monkeypatch.setattr(gssd, "class_densities", lambda *a: pytest.fail("the flows were fitted again"))
     second = DEFENSES.get("gssd").run(TINY, ctx)
     assert (second.kept == first.kept).all()
+    edited = {**TINY, "flows": {**TINY["flows"], "epochs": 9}}  # another fit: the stored densities do not apply
+    with pytest.raises(pytest.fail.Exception, match="fitted again"):
+        DEFENSES.get("gssd").run(edited, ctx)
 
 
 def test_missing_or_mismatched_features_are_refused_in_one_line(tmp_path):

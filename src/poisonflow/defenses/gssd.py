@@ -26,7 +26,8 @@ Metrics (no ground truth): ``detected_classes`` and ``attack_types`` (lists, cla
 ``relabeled`` (count), and the flows' mean NLL per dimension on their own class.
 
 Flows, retraining and fine-tuning checkpoint in the work directory; the flows' verdict is stored
-there too (``plan.npz``), so a killed job resumes without refitting anything finished.
+there too (``densities.pt``, under a digest of what they depend on), so a killed job resumes without
+refitting anything finished.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import torch
 from torch import nn
 
 from .. import checkpoint as checkpoints
+from .. import fingerprint
 from .. import flows as class_flows
 from .. import gssd as decisions
 from ..errors import ConfigError
@@ -99,19 +101,14 @@ def flagged_classes(log_probs: np.ndarray, labels: np.ndarray, resolved: dict) -
 
 
 def verdict(ctx: DefenseContext, resolved: dict) -> tuple[decisions.GssdPlan, np.ndarray]:
-    """The plan and the densities it was drawn from, stored in the work directory (a rerun reads them)."""
-    path = Path(ctx.workdir) / "plan.npz"
-    if path.exists():
-        with np.load(path) as stored:
-            log_probs = stored["log_probs"]
-    else:
-        log_probs = class_densities(ctx, resolved)
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as handle:
-                np.savez(handle, log_probs=log_probs)
-
-        checkpoints.atomic_write(path, write)
+    """The plan and the densities it was drawn from. The densities are stored in the work directory
+    under a digest of what they depend on (the classifier's settings, the seed, the features and
+    labels), so a killed job reruns without refitting and an edited one refits."""
+    keys = {key: resolved[key] for key in ("flows", "classifier", "discriminative")}
+    digest = fingerprint.digest(keys, int(ctx.seed), fingerprint.data_digest(ctx.features, ctx.train_labels))
+    stored = checkpoints.cached(Path(ctx.workdir) / "densities.pt", digest,
+                                lambda: {"log_probs": torch.from_numpy(class_densities(ctx, resolved))})
+    log_probs = stored["log_probs"].numpy()
     return flagged_classes(log_probs, ctx.train_labels, resolved), log_probs
 
 
@@ -152,8 +149,9 @@ def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
     flows = resolved["classifier"] == "flows"
     own = "flow_nll" if flows else "classifier_nll"
     # given classes (discriminative) are not a detection: not scored as one
-    metrics = {"detected_classes" if flows else "given_classes": sorted(plan.flagged), "attack_types": [plan.flagged[c] for c in sorted(plan.flagged)],
-               "relabeled": int(len(plan.relabeled)), own: own_class_nll(log_probs, ctx.train_labels),
+    flagged = sorted(plan.flagged)
+    metrics = {"detected_classes" if flows else "given_classes": flagged,
+               "attack_types": [plan.flagged[c] for c in flagged], "relabeled": int(len(plan.relabeled)), own: own_class_nll(log_probs, ctx.train_labels),
                "flows_seconds": flows_seconds, "retrain_seconds": retrain_seconds}
     return DefenseResult(model=model, metrics=metrics, kept=plan.kept.copy(), relabeled=plan.relabeled,
                          new_labels=plan.new_labels)
