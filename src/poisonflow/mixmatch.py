@@ -63,6 +63,12 @@ def mixmatch_losses(logits: torch.Tensor, targets: torch.Tensor, labeled: int) -
     return lx, lu
 
 
+def steps_per_epoch(training: dict, labeled: np.ndarray) -> int:
+    """The steps the trainer runs in an epoch of ``training`` with ``labeled`` (a bool mask) as its
+    subset: ``epoch_steps``, else one pass over the labeled samples."""
+    return int(training.get("epoch_steps") or -(-int(np.sum(labeled)) // int(training["batch_size"])))
+
+
 class MixMatch:
     """The MixMatch objective over one training set (uint8 NHWC ``images``), for ``train_model``."""
 

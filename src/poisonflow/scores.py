@@ -64,10 +64,12 @@ def _batches(images: np.ndarray, labels: np.ndarray, device, batch_size: int):
 
 @torch.no_grad()
 def per_sample_loss(model: nn.Module, images: np.ndarray, labels: np.ndarray, device="cpu",
-                    batch_size: int = 512) -> np.ndarray:
-    """Unreduced cross-entropy of every sample of uint8 NHWC ``images``, model in eval mode."""
+                    batch_size: int = 512, loss=None) -> np.ndarray:
+    """Unreduced loss of every sample of uint8 NHWC ``images``, model in eval mode: ``loss(logits,
+    labels)`` per sample, by default the cross entropy."""
     model.eval()
-    out = [F.cross_entropy(model(x), y, reduction="none").cpu() for x, y in _batches(images, labels, device, batch_size)]
+    loss = loss or (lambda logits, y: F.cross_entropy(logits, y, reduction="none"))
+    out = [loss(model(x).float(), y).cpu() for x, y in _batches(images, labels, device, batch_size)]
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
 

@@ -7,20 +7,14 @@ import numpy as np
 import torch
 
 from .losses import symmetric_cross_entropy
-from .trainer import images_to_tensor, to_float
+from .scores import per_sample_loss
 
 
-@torch.no_grad()
 def per_sample_sce(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, alpha: float, beta: float,
                    device, batch_size: int = 512) -> np.ndarray:
     """Each sample's SCE (α·CE + β·RCE) under ``model`` in eval mode, on the images as they are."""
-    model.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = to_float(images_to_tensor(images[start:start + batch_size], device))
-        y = torch.as_tensor(labels[start:start + batch_size], device=device)
-        out.append(symmetric_cross_entropy(model(x).float(), y, alpha, beta).cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+    return per_sample_loss(model, images, labels, device, batch_size,
+                           loss=lambda logits, y: symmetric_cross_entropy(logits, y, alpha, beta))
 
 
 def lowest_share(losses: np.ndarray, share: float) -> np.ndarray:

@@ -57,10 +57,6 @@ def set_path(entry: dict, path: tuple, value) -> None:
 def expand(raw: dict) -> tuple[dict, dict]:
     """``raw`` with every swept entry replaced by its variants (and the experiments naming it by
     the variants' names), and the record of the expansion."""
-    if not any(isinstance(raw.get(section), dict)
-               and any(axes(entry, f"{section}.{name}") for name, entry in raw[section].items())
-               for section in SECTIONS):
-        return raw, {}
     raw = copy.deepcopy(raw)
     record: dict = {}
     for section in SECTIONS:

@@ -16,18 +16,11 @@ from poisonflow.defenses import DEFENSES, DefenseContext, abl, merge
 from poisonflow.errors import ConfigError
 from poisonflow.models import build_model
 from poisonflow.trainer import images_to_tensor, to_float, train_model
+import defense_utils
 
 torch.set_num_threads(1)
 
-TINY_TRAINING = {
-    "model": {"arch": "convnet", "width": 8},
-    "epochs": 1,
-    "batch_size": 32,
-    "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
-    "schedule": {"name": "constant"},
-    "augment": [],
-    "adversarial": None,
-}
+TINY_TRAINING = {**defense_utils.TINY_TRAINING, "model": {"arch": "convnet", "width": 8}, "augment": []}
 TARGET = 0
 
 

@@ -23,18 +23,11 @@ from poisonflow.errors import ConfigError
 from poisonflow.models import Classifier, build_model
 from poisonflow.trainer import images_to_tensor, to_float, train_model
 from workflow_utils import snakemake, write_config
+import defense_utils
 
 torch.set_num_threads(1)
 
-TINY_TRAINING = {
-    "model": {"arch": "convnet", "width": 4},
-    "epochs": 2,
-    "batch_size": 32,
-    "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
-    "schedule": {"name": "constant"},
-    "augment": ["flip"],
-    "adversarial": None,
-}
+TINY_TRAINING = {**defense_utils.TINY_TRAINING, "epochs": 2}
 PALETTE = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]])
 
 

@@ -24,8 +24,6 @@ own poisoned samples at the attack's rate).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -36,6 +34,7 @@ from ..errors import ConfigError
 from ..kinds import settings_for
 from ..trainer import Objective, StepContext, StepOutput, train_model
 from . import PoisonContext
+from .blended import BlendTrigger
 
 DISTANCES = {
     "l2": lambda z, centre: (z - centre).norm(dim=1),
@@ -136,18 +135,8 @@ def train_generator(spec: dict, context) -> dict[str, torch.Tensor]:
             "distance_last": torch.tensor(float(result.history[-1]["loss"]))}
 
 
-@dataclass(frozen=True)
-class AdaptiveBlend:
-    pattern: torch.Tensor  # (3, S, S) in [0, 1]
-    blend: float
-    image_size: int
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        triggers.check_image_size(x, self.image_size, "ssl-adaptive")
-        return triggers.blend(x, self.pattern, self.blend)
-
-
-def build(spec: dict, image_size: int, seed: int, context: PoisonContext | None = None) -> AdaptiveBlend:
+def build(spec: dict, image_size: int, seed: int, context: PoisonContext | None = None) -> BlendTrigger:
+    """Blended's trigger with the optimised pattern at weight b."""
     settings = settings_for(__name__, spec)
     generator = getattr(context, "generator", None)
     if not generator:
@@ -159,4 +148,4 @@ def build(spec: dict, image_size: int, seed: int, context: PoisonContext | None 
     target = settings.get("target")
     if isinstance(target, int) and target != int(generator["target"]):
         raise ConfigError(f"target: {target}, but the generator pulled the pattern to class {int(generator['target'])}")
-    return AdaptiveBlend(generator["pattern"], float(generator["blend"]), image_size)
+    return BlendTrigger(generator["pattern"], float(generator["blend"]), image_size)

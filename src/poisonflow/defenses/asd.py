@@ -42,7 +42,7 @@ import torch
 
 from ..errors import ConfigError
 from ..kinds import settings_for
-from ..mixmatch import MixMatch
+from ..mixmatch import MixMatch, steps_per_epoch
 from ..models import stage_ends
 from ..splits import lowest_per_class, lowest_share, per_sample_sce
 from ..trainer import train_model
@@ -122,8 +122,7 @@ def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
     def split(epoch: int, net: torch.nn.Module) -> np.ndarray:
         pool = clean_pool(epoch, net, ctx, resolved)
         mask = np.concatenate([pool, np.ones(len(seeds_y), dtype=bool)])
-        steps = training["epoch_steps"] or -(-int(mask.sum()) // int(training["batch_size"]))
-        mixmatch.set_labeled(mask, int(steps))
+        mixmatch.set_labeled(mask, steps_per_epoch(training, mask))
         return mask
 
     model = train_model(ctx.fresh_model(0), images, labels, training, seed=ctx.seed, device=ctx.device,

@@ -38,7 +38,7 @@ import torch
 from ..errors import ConfigError, StoreError
 from ..kinds import settings_for
 from ..losses import symmetric_cross_entropy
-from ..mixmatch import MixMatch
+from ..mixmatch import MixMatch, steps_per_epoch
 from ..modelio import load_into
 from ..splits import lowest_share, per_sample_sce
 from ..trainer import Objective, StepContext, StepOutput, train_model
@@ -93,7 +93,7 @@ def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
     def split(epoch: int, net: torch.nn.Module) -> np.ndarray:
         losses = per_sample_sce(net, ctx.train_images, ctx.train_labels, alpha, beta, ctx.device)
         mask = lowest_share(losses, float(resolved["epsilon"]))
-        mixmatch.set_labeled(mask, int(training["epoch_steps"] or -(-mask.sum() // int(training["batch_size"]))))
+        mixmatch.set_labeled(mask, steps_per_epoch(training, mask))
         return mask
 
     model = train_model(model, ctx.train_images, ctx.train_labels, training, seed=ctx.seed + 1, device=ctx.device,

@@ -128,13 +128,22 @@ def undefended(pairs: list[str]) -> list[tuple[Path, str]]:
     return [(Path(path), name) for name, _, path in (pair.partition("=") for pair in pairs)]
 
 
-def tidy(paths: list, results: Path) -> pd.DataFrame:
-    """One row per metric of each metrics.json: a defense path, or a (victim path, defense) pair."""
-    rows = []
+def read_metrics(paths: list, results: Path) -> list[tuple[dict, dict]]:
+    """(keys from the path, the metrics) of each metrics.json: a defense path, or a (victim path,
+    defense) pair; each file read once for every view."""
+    records = []
     for item in paths:
         path, defense = item if isinstance(item, tuple) else (item, None)
-        keys = parse_path(path, results, defense)
-        for metric, value in read_json(path).items():
+        records.append((parse_path(path, results, defense), read_json(path)))
+    return records
+
+
+def tidy(paths: list, results: Path, records: list | None = None) -> pd.DataFrame:
+    """One row per metric of each metrics.json (``records``: :func:`read_metrics` of ``paths``, when
+    already read)."""
+    rows = []
+    for keys, metrics in records if records is not None else read_metrics(paths, results):
+        for metric, value in metrics.items():
             if metric in SKIP or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
             rows.append({**keys, "metric": metric, "value": float(value)})
@@ -719,19 +728,17 @@ def chosen_table(table: pd.DataFrame) -> pd.DataFrame:
     return chosen.rename(columns={"swept": "entry", "value": "chosen value"}).reset_index(drop=True)
 
 
-def detection_rows(paths: list, results: Path) -> pd.DataFrame:
+def detection_rows(records: list[tuple[dict, dict]]) -> pd.DataFrame:
     """Per defense job that names attacked classes (``detected_classes`` in its metrics.json): the
-    classes and the attack type of each, per seed."""
+    classes and the attack type of each, per seed (``records``: :func:`read_metrics`)."""
     rows = []
-    for item in paths:
-        path, defense = item if isinstance(item, tuple) else (item, None)
-        metrics = read_json(path)
+    for keys, metrics in records:
         if "detected_classes" not in metrics:
             continue
         types = metrics.get("attack_types") or [""] * len(metrics["detected_classes"])
         shown = ", ".join(f"{c} ({'D' if t == 'disruptive' else 'ND' if t else '?'})"
                           for c, t in zip(metrics["detected_classes"], types)) or "none"
-        rows.append({**parse_path(path, results, defense), "detected": shown})
+        rows.append({**keys, "detected": shown})
     return pd.DataFrame(rows, columns=["dataset", "attack", "training", "seed", "defense", "detected"])
 
 
@@ -812,7 +819,8 @@ def run(args) -> None:
     results = Path(args.results)
     experiment = parse_json(args.experiment, "--experiment") if getattr(args, "experiment", None) is not None else None
     paths = [Path(p) for p in args.metrics] + undefended(getattr(args, "undefended", None) or [])
-    table = tidy(paths, results)
+    records = read_metrics(paths, results)
+    table = tidy(paths, results, records)
     _atomic_text(table.to_csv(index=False), results / "metrics.csv")
     summary = summarize(table)
     wide = formatted(summary, TABLE_METRICS)
@@ -830,5 +838,5 @@ def run(args) -> None:
                                 job_seconds(getattr(args, "features_benchmarks", None) or [], results, "features"),
                                 experiment, table, experiment.get("order", {}))
         written = write_report(annotate(summary, experiment), experiment.get("order", {}), benchmarks, report,
-                               experiment.get("sweeps", {}), detection_rows(paths, results), runtime)
+                               experiment.get("sweeps", {}), detection_rows(records), runtime)
         print(f"{report}: " + (", ".join(written) or "no view applies"))

@@ -152,6 +152,23 @@ def detection_of_targets(detected, poisoned) -> dict:
     return out
 
 
+def model_builder(training: dict, clean, seed: int, device):
+    """A function building a fresh, untrained model of the victim's architecture for the store's
+    classes and image size (a DefenseContext's ``build_model``)."""
+    from ..models import build_model
+
+    num_classes, image_size = len(clean.attrs["classes"]), clean["train/images"].shape[1]
+    return lambda: build_model(training["model"], num_classes, image_size, seed=seed).to(device)
+
+
+def finish_workdir(out: Path) -> None:
+    """Keep each training's per-epoch history (``history-*.csv``) next to the outputs and remove the
+    work directory: its checkpoints are only for resuming a killed job."""
+    for history in (out / "work").glob("history-*.csv"):
+        history.replace(out / history.name)
+    shutil.rmtree(out / "work", ignore_errors=True)
+
+
 def defender_context(clean, poisoned, **rest) -> DefenseContext:
     """What a defender has: the released training set (images and labels as released) and the
     reserve, the clean data held out of the training set before poisoning. Nothing that tells
@@ -167,7 +184,6 @@ def run(args) -> None:
     from ..devices import torch_device
     from ..evaluate import evaluate_store_model
     from ..modelio import load_model, model_spec, save_model
-    from ..models import build_model
     from ..provenance import record
     from ..store import read_store
 
@@ -181,14 +197,11 @@ def run(args) -> None:
     num_classes = len(clean.attrs["classes"])
     image_size = clean["train/images"].shape[1]
     device = torch_device()
-
-    def fresh_model():
-        return build_model(training["model"], num_classes, image_size, seed=args.seed).to(device)
-
     architecture = model_spec(training["model"], num_classes, image_size)
     victim = load_model(Path(args.victim_dir) / "model.pt", device, spec=architecture)
     screen_images, screen_truth = screening_set(clean, poisoned, args.seed)
-    context = defender_context(clean, poisoned, training=training, build_model=fresh_model, victim=victim,
+    context = defender_context(clean, poisoned, training=training,
+                               build_model=model_builder(training, clean, args.seed, device), victim=victim,
                                seed=args.seed, device=device, workdir=out / "work", screen_images=screen_images,
                                features=read_features(args.features, poisoned),
                                features_dir=Path(args.features).parent if args.features else None,
@@ -220,7 +233,5 @@ def run(args) -> None:
         extra={"training": training, "evaluation": evaluation})
     save_model(result.model, out / "model.pt", architecture, provenance)
     write_json(metrics, out / "metrics.json", provenance=provenance)
-    for history in (out / "work").glob("history-*.csv"):  # each training's per-epoch history outlives the work dir
-        history.replace(out / history.name)
-    shutil.rmtree(out / "work", ignore_errors=True)  # checkpoints are only for resuming a killed job
+    finish_workdir(out)
     print(f"{out}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))

@@ -14,7 +14,6 @@ thresholds). The defense job of the same entry and every ``split-train`` entry n
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from .common import SEED_HELP, THREADS_HELP, parse_json, set_threads, write_json
@@ -37,10 +36,9 @@ def run(args) -> None:
     from ..defenses import DEFENSES
     from ..devices import torch_device
     from ..kinds import DEFENSES as KINDS
-    from ..models import build_model
     from ..provenance import record
     from ..store import read_store
-    from .defense import defender_context, split_metrics, write_sample_scores
+    from .defense import defender_context, finish_workdir, model_builder, split_metrics, write_sample_scores
 
     set_threads(args.threads)
     spec = parse_json(args.spec, "--spec")
@@ -53,13 +51,9 @@ def run(args) -> None:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     clean, poisoned = read_store(args.clean), read_store(args.poison)
-    num_classes, image_size = len(clean.attrs["classes"]), clean["train/images"].shape[1]
     device = torch_device()
-
-    def fresh_model():
-        return build_model(training["model"], num_classes, image_size, seed=args.seed).to(device)
-
-    context = defender_context(clean, poisoned, training=training, build_model=fresh_model, victim=None,
+    context = defender_context(clean, poisoned, training=training,
+                               build_model=model_builder(training, clean, args.seed, device), victim=None,
                                seed=args.seed, device=device, workdir=out / "work")
     result = DEFENSES.get(spec["kind"]).split(spec, context)
     result.save(out / "split.npz")
@@ -71,7 +65,5 @@ def run(args) -> None:
     write_json(metrics, out / "split.json", provenance=provenance)
     if result.sample_scores:
         write_sample_scores(out, result, truth, f"{args.name}, seed {args.seed}")
-    for history in (out / "work").glob("history-*.csv"):
-        history.replace(out / history.name)
-    shutil.rmtree(out / "work", ignore_errors=True)
+    finish_workdir(out)
     print(f"{out}: kept {int(result.kept.sum())} of {len(result.kept)}")
