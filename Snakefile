@@ -1,4 +1,5 @@
-# poisonflow: data → surrogate → scores → trigger → poison → features → victim → split → defense → aggregate.
+# poisonflow: data → surrogate → scores → trigger → poison → features → victim → split → defense
+# (and robustness, from the victims) → aggregate.
 # Every rule shells out to `poisonflow <stage>`; its params carry the resolved config entry it
 # depends on and a hash of the source it runs, so an edit reruns exactly what it invalidates.
 # What the rules ask of the config (paths, specs, code hashes, resources) comes from
@@ -44,6 +45,7 @@ include: "workflow/rules/features.smk"
 include: "workflow/rules/victim.smk"
 include: "workflow/rules/split.smk"
 include: "workflow/rules/defense.smk"
+include: "workflow/rules/robustness.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/aggregate.smk"
 

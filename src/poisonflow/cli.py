@@ -28,6 +28,8 @@ STAGES = {
     "split": ("poisonflow.stages.split", True,
               "a splitting defense's split of a poisoned store's released training set (cached; trainings read it)"),
     "defense": ("poisonflow.stages.defense", True, "run a defense and evaluate the defended model"),
+    "robustness": ("poisonflow.stages.robustness", True,
+                   "a victim under test-time distortions (blur, JPEG, noise, recapture) or on a folder of images"),
     "figures": ("poisonflow.stages.figures", False, "draw one entry of the figures: section from stored artifacts"),
     "aggregate": ("poisonflow.stages.aggregate", False, "collect metrics into tables and figures"),
     "info": ("poisonflow.stages.info", False, "print how an artifact was made (store, model or metrics.json)"),
@@ -42,7 +44,7 @@ DESCRIPTION = (
 EPILOG = "Errors about the config, paths or damaged results print one line and exit with status 2."
 
 # arguments that carry JSON: a malformed value is a one-line error before the stage runs
-JSON_ARGUMENTS = ("spec", "training", "evaluation", "experiment")
+JSON_ARGUMENTS = ("spec", "training", "evaluation", "experiment", "attack_spec")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +71,7 @@ def _json_problem(args) -> str | None:
         value = getattr(args, name, None)
         if isinstance(value, str):
             try:
-                parse_json(value, "--" + name, kind=None)
+                parse_json(value, "--" + name.replace("_", "-"), kind=None)
             except PoisonflowError as error:
                 return str(error)
     return None

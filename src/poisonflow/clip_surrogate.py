@@ -86,12 +86,12 @@ def clip_input(x: torch.Tensor, size: tuple[int, int], interpolation: str = "bic
     return x[..., top:top + size[0], left:left + size[1]]
 
 
-def import_open_clip(key: str):
+def import_open_clip(key: str, alternatives: str = ALTERNATIVES):
     try:
         import open_clip
     except ImportError as error:  # an optional dependency: pip install "poisonflow[clip]"
         raise ConfigError(f"{key}: the CLIP surrogate needs the open_clip_torch package "
-                          f"(pip install 'poisonflow[clip]'), {ALTERNATIVES}") from error
+                          f"(pip install 'poisonflow[clip]'), {alternatives}") from error
     return open_clip
 
 
@@ -111,7 +111,7 @@ def cached_weights(open_clip, model: str, tag: str) -> str | None:
     return None
 
 
-def weights_source(open_clip, clip: dict, key: str) -> str | None:
+def weights_source(open_clip, clip: dict, key: str, alternatives: str = ALTERNATIVES) -> str | None:
     """What to pass as open_clip's ``pretrained``: a weights file, a tag to download, or None (local-dir)."""
     model, tag = clip["model"], clip["pretrained"]
     if model.startswith("local-dir:"):
@@ -123,26 +123,27 @@ def weights_source(open_clip, clip: dict, key: str) -> str | None:
         return str(path)
     if not tag:
         raise ConfigError(f"{key}.checkpoint: {model} has no weights: set {key}.checkpoint to a weights file "
-                          f"or {key}.pretrained to an open_clip tag, {ALTERNATIVES}")
+                          f"or {key}.pretrained to an open_clip tag, {alternatives}")
     if model.startswith("hf-hub:") or tag not in open_clip.list_pretrained_tags_by_model(model):
         if clip["download"]:
             return tag
         raise ConfigError(f"{key}.pretrained: open_clip has no cacheable weights '{tag}' for {model}: set "
-                          f"{key}.checkpoint to a weights file, {ALTERNATIVES}")
+                          f"{key}.checkpoint to a weights file, {alternatives}")
     cached = cached_weights(open_clip, model, tag)
     if cached:
         return cached
     if clip["download"]:
         return tag
     raise ConfigError(f"{key}.checkpoint: open_clip {model} '{tag}' weights are not in the local cache; set "
-                      f"{key}.checkpoint to a weights file, or {key}.download: true when online, {ALTERNATIVES}")
+                      f"{key}.checkpoint to a weights file, or {key}.download: true when online, {alternatives}")
 
 
-def load_clip(clip: dict, key: str = "clip", device="cpu") -> nn.Module:
-    """The open_clip model named by the ``clip:`` settings, weights loaded, eval mode, frozen."""
-    open_clip = import_open_clip(key)
+def load_clip(clip: dict, key: str = "clip", device="cpu", alternatives: str = ALTERNATIVES) -> nn.Module:
+    """The open_clip model named by the ``clip:`` settings, weights loaded, eval mode, frozen;
+    ``alternatives`` ends the errors: what to configure instead when the weights are missing."""
+    open_clip = import_open_clip(key, alternatives)
     clip = definition_settings("clipModel", clip, key)
-    source = weights_source(open_clip, clip, key)
+    source = weights_source(open_clip, clip, key, alternatives)
     # A weights file stands for the tag's weights: keep the tag's activation and preprocessing.
     tag_cfg = open_clip.get_pretrained_cfg(clip["model"], clip["pretrained"]) if clip["pretrained"] else {}
     try:
@@ -154,7 +155,7 @@ def load_clip(clip: dict, key: str = "clip", device="cpu") -> nn.Module:
     except Exception as error:  # open_clip raises RuntimeError, FileNotFoundError, ValueError, KeyError...
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"{key}: cannot load open_clip {clip['model']} ({first_line}); set {key}.checkpoint "
-                          f"to a weights file, {ALTERNATIVES}") from error
+                          f"to a weights file, {alternatives}") from error
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)

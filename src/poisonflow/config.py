@@ -32,7 +32,7 @@ from .targets import ALL_TO_ALL, poison_budget  # noqa: F401  (poison_budget: re
 # Entry names become folders of the results (results/poison/{dataset}/{attack}/...) and arguments
 # of the job commands, so they are kept to a safe alphabet.
 NAME_SECTIONS = ("datasets", "models", "trainings", "surrogates", "generators", "features", "attacks", "defenses",
-                 "figures")
+                 "figures", "robustness")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 NAME_RULE = ("letters, digits, '-', '_' and '.', starting with a letter, digit or '_', without '..' "
              "(a name becomes a results folder and a job argument)")
@@ -129,6 +129,15 @@ class Job:
     training: str
     defense: str
     seed: int
+
+
+@dataclass(frozen=True)
+class RobustnessJob:
+    dataset: str
+    attack: str
+    training: str
+    seed: int
+    robustness: str
 
 
 class Config:
@@ -241,6 +250,16 @@ class Config:
                     seen.add(job)
                     yield job
 
+    def robustness_jobs(self) -> list[RobustnessJob]:
+        """One test-time evaluation per victim (dataset, attack, training, seed) and robustness entry
+        its experiments list, in config order, without repeats."""
+        jobs: dict[RobustnessJob, None] = {}
+        for experiment in self.data["experiments"]:
+            for combo in itertools.product(experiment["dataset"], experiment["attack"], experiment["training"],
+                                           experiment["seed"], experiment["robustness"]):
+                jobs[RobustnessJob(*combo)] = None
+        return list(jobs)
+
     def describe(self, dataset: str) -> dict:
         """Class names, per-class counts of the released training set and of the reserve, and the
         image side of a dataset entry (cheap, cached; no image is read)."""
@@ -349,6 +368,9 @@ class Config:
             for field, section in (("dataset", "datasets"), ("attack", "attacks"), ("training", "trainings"),
                                    ("defense", "defenses")):
                 self._check_names(section, experiment[field], f"experiments[{i}].{field}")
+            self._check_names("robustness", experiment["robustness"], f"experiments[{i}].robustness")
+        for name, entry in self.data["robustness"].items():
+            check_robustness(entry, f"robustness.{name}")
         jobs = list(self.jobs())
         for dataset, attack in sorted({(j.dataset, j.attack) for j in jobs}):
             entry, described = self.data["attacks"][attack], self.describe(dataset)
@@ -464,6 +486,18 @@ def check_image_size(model: dict, model_name: str, user: str, described: dict, d
         raise ConfigError(f"{key}: {side} px is too large for model '{model_name}' ({what}, used by {user}): its "
                           f"first convolutions run at full resolution, meant for images up to "
                           f"{LARGEST_FULL_RESOLUTION_IMAGE} px ({fix})")
+
+
+def check_robustness(entry: dict, key: str) -> None:
+    """A robustness entry's levels and settings, checked by its distortion family (a folder entry
+    needs its path; whether the folder exists is checked by the job)."""
+    if entry["kind"] == "folder":
+        if not entry.get("path"):
+            raise ConfigError(f"{key}.path: required for kind folder")
+        return
+    from .distortions import check_entry  # numpy only: cheap enough for the workflow's parse
+
+    check_entry(entry, key)
 
 
 def check_features(entry: dict, key: str) -> None:

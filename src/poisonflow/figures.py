@@ -201,11 +201,13 @@ def rate_curves(curves, path: str | os.PathLike, ylabel: str) -> Path:
 SWEEP_METRIC_LABELS = {"asr": "ASR (%)", "acc": "ACC (%)", "pgd_acc": "RA (%)"}
 
 
-def sweep_curves(curves, path: str | os.PathLike, xlabel: str) -> Path:
+def sweep_curves(curves, path: str | os.PathLike, xlabel: str, labels: dict | None = None) -> Path:
     """``curves``: columns metric, line, value, mean, std (fractions). One panel per metric (ASR,
-    ACC, RA), one line per ``line`` (an attack, or a defense), mean ± std in % against the swept value."""
+    ACC, RA; ``labels``: metric → axis label, default :data:`SWEEP_METRIC_LABELS`), one line per
+    ``line`` (an attack, or a defense), mean ± std in % against the swept value (or a distortion level)."""
     plt = _pyplot()
-    metrics = [m for m in SWEEP_METRIC_LABELS if m in set(curves["metric"])]
+    labels = labels or SWEEP_METRIC_LABELS
+    metrics = [m for m in labels if m in set(curves["metric"])]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.3), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         part = curves[curves["metric"] == metric]
@@ -217,7 +219,7 @@ def sweep_curves(curves, path: str | os.PathLike, xlabel: str) -> Path:
         mean, std = 100 * part["mean"].to_numpy(float), 100 * np.nan_to_num(part["std"].to_numpy(float))
         ax.set_ylim(*percent_limits(mean - std, mean + std))
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(SWEEP_METRIC_LABELS[metric])
+        ax.set_ylabel(labels[metric])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

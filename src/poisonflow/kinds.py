@@ -55,6 +55,10 @@ CAPABILITIES = {
     "cover": "a backdoor with cover samples: the stage draws cover_rate of the training set from the samples "
              "not poisoned, applies the training trigger (poison() or apply()) and keeps their labels "
              "(train/cover in the store)",
+    "labelled-test": "its trigger edits each image of the ASR set for its true class: the stage calls "
+                     "trigger.apply_labelled(x, true_labels) instead of trigger.apply(x) (VSSC's prompts name the class)",
+    "report": "its trigger reports on its generation (trigger.report() → a dict, e.g. acceptance rates), stored in "
+              "the poisoned store's attribute trigger_report",
     "per-sample": "an unlearnable-example kind whose module has prepare(spec, context, seed) returning a "
                   "function that protects any chunk of images independently (poisonflow protect)",
 }

@@ -40,11 +40,11 @@ def describe_cache() -> Path:
 # The rules, and the stage each runs. The training stages declare gpu=1.
 RULE_STAGES = {"data": "data", "surrogate": "surrogate", "scores": "scores", "trigger": "trigger",
                "poison": "poison", "features": "features", "features_clip": "features", "victim": "victim",
-               "split": "split",
+               "split": "split", "robustness": "robustness",
                "defense": "defense", "aggregate": "aggregate", "figure_forgetting": "figures",
-               "figure_tsne": "figures", "figure_embedding": "figures"}
+               "figure_tsne": "figures", "figure_embedding": "figures", "figure_gradcam": "figures"}
 GPU_RULES = ("surrogate", "scores", "trigger", "poison", "features", "features_clip", "victim", "split", "defense",
-             "figure_tsne", "figure_embedding")
+             "robustness", "figure_tsne", "figure_embedding", "figure_gradcam")
 
 # Peak resident memory of a job, MiB: BASE plus FACTOR × the dataset's uint8 images (train,
 # reserve and test) in MiB, rounded up to 256 MiB and raised by half on each retry. Measured with
@@ -58,14 +58,15 @@ GPU_RULES = ("surrogate", "scores", "trigger", "poison", "features", "features_c
 MEMORY = {  # rule: (BASE, FACTOR)
     "data": (1280, 4), "surrogate": (1536, 4), "scores": (1536, 4), "trigger": (1536, 4),
     "poison": (1536, 4), "features": (1536, 4), "features_clip": (2560, 4), "victim": (1536, 4),
-    "split": (1536, 6), "defense": (1536, 6), "aggregate": (512, 0),
+    "split": (1536, 6), "defense": (1536, 6), "robustness": (1536, 4), "aggregate": (512, 0),
     "figure_forgetting": (768, 1), "figure_tsne": (1536, 4), "figure_embedding": (1536, 4),
+    "figure_gradcam": (1536, 4),
 }
 GPU_HOST_MEMORY = 1024  # not measured here (no GPU on the machine); a retry asks 1.5× more
 # Declared run times (minutes; a cluster's time limit), unchanged from the paper-scale presets.
 RUNTIME = {"data": 240, "surrogate": 720, "scores": 240, "trigger": 720, "poison": 240, "features": 1440, "split": 1440,
            "features_clip": 240, "victim": 1440, "defense": 2880, "aggregate": 60, "figure_forgetting": 60,
-           "figure_tsne": 240, "figure_embedding": 240}
+           "figure_tsne": 240, "figure_embedding": 240, "robustness": 240, "figure_gradcam": 60}
 # Jobs per group when the config asks for grouping with `workflow: {group_small_jobs: true}`.
 DEFAULT_GROUP_SIZE = 20
 
@@ -208,6 +209,17 @@ class Plan:
         """The victims' metrics.json that stand for the jobs of a `kind: none` defense."""
         return list(dict.fromkeys(self._victim_metrics(j) for j in self.jobs if j.defense in self.undefended))
 
+    def robustness_outputs(self) -> list[str]:
+        """The JSON of every robustness job (victim × robustness entry of the experiments)."""
+        return [f"{self.results}/robustness/{j.dataset}/{j.attack}/{j.training}/seed{j.seed}/{j.robustness}.json"
+                for j in self.cfg.robustness_jobs()]
+
+    def robustness_spec(self, wildcards) -> str:
+        return as_json(self.data["robustness"][wildcards.robustness])
+
+    def robustness_wildcard(self) -> str:
+        return names_pattern(self.data["robustness"])
+
     def undefended_pairs(self) -> list[str]:
         """``DEFENSE=VICTIM_METRICS`` for ``poisonflow aggregate --undefended``."""
         return list(dict.fromkeys(f"{j.defense}={self._victim_metrics(j)}" for j in self.jobs
@@ -317,6 +329,11 @@ class Plan:
         entry = self.figures[wildcards.figure]
         return {"clean": f"{self.results}/data/{entry['dataset']}.zarr",
                 "dynamics": f"{self.results}/surrogates/{entry['dataset']}/{entry['surrogate']}/dynamics.npz"}
+
+    def figure_robustness(self, wildcards) -> str:
+        """The robustness entries a figure's ``distortions`` name (JSON), for ``--robustness``."""
+        names = self.figures[wildcards.figure].get("distortions", {})
+        return as_json({name: self.data["robustness"][name] for name in names})
 
     def tsne_inputs(self, wildcards) -> dict:
         entry = self.figures[wildcards.figure]

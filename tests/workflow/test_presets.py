@@ -69,6 +69,12 @@ EXPECTED = {
     # the same comparison without H.1 and J.1 on ImageNet-30 and VGGFace2-30
     "gssd-imagenet30.yaml": {"victim": 7, "poison": 7, "features": 2 * 7, "surrogate": 1, "trigger": 1,
                              "defense": 7 * (5 + 3 + 3)},
+    # VSSC: 10 attacks at 5% on ResNet-18 (7 defenses, 4 robustness entries each) and VGG19-BN, 10 at
+    # 10% on ResNet-18, and the selection's attack; generators: TrojanNN, Input-Aware, SSBA, the selection
+    "vssc-imagenet-dogs.yaml": {"victim": 10 + 10 + 10 + 1, "poison": 10 + 10 + 1, "defense": 10 * 7,
+                                "robustness": 10 * 4, "trigger": 4, "surrogate": 1, "figure_gradcam": 1},
+    "vssc-food11.yaml": {"victim": 10 + 10 + 10 + 1, "poison": 10 + 10 + 1, "defense": 10 * 7,
+                         "robustness": 10 * 4, "trigger": 4, "surrogate": 1, "figure_gradcam": 1},
     "gssd-vggface2.yaml": {"victim": 7, "poison": 7, "features": 2 * 7, "surrogate": 1, "trigger": 1,
                            "defense": 7 * (5 + 3 + 3)},
     # (A-ABL's split a job of its own: one per A-ABL job)
@@ -96,6 +102,12 @@ def placeholder_root(workdir: Path, spec: dict) -> None:
              "gtsrb": ["GTSRB-Training_fixed.zip", "GTSRB_Final_Test_Images.zip", "GTSRB_Final_Test_GT.zip"]}
     if spec["source"] == "imagefolder":
         (root / spec.get("train_dir", "train")).mkdir(parents=True, exist_ok=True)
+        if "train_per_class" not in spec:  # the classes are counted from their folders: 40 empty files each
+            for split in (spec.get("train_dir", "train"), spec.get("test_dir", "val")):
+                for name in spec.get("classes", []):
+                    (root / split / name).mkdir(parents=True, exist_ok=True)
+                    for i in range(40):
+                        (root / split / name / f"{i}.jpg").touch()
         return
     root.mkdir(parents=True, exist_ok=True)
     for name in files[spec["source"]]:

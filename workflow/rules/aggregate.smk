@@ -1,5 +1,5 @@
 # aggregate: every defense metrics.json (the victim's for a defense of kind `none`), the poison,
-# defense and features jobs' benchmark files and the configured figures → metrics.csv, summary tables, the summary
+# defense and features jobs' benchmark files, the robustness jobs' results and the configured figures → metrics.csv, summary tables, the summary
 # figure and the paper-style views of results/report/.
 
 
@@ -12,6 +12,7 @@ rule aggregate:
         benchmarks=PLAN.poison_benchmarks(),
         defense_benchmarks=PLAN.defense_benchmarks(),
         features_benchmarks=PLAN.features_benchmarks(),
+        robustness=PLAN.robustness_outputs(),
         # not read: listed so that the default target also draws the configured figures
         figures=PLAN.configured_figures(),
     output:
@@ -40,4 +41,5 @@ rule aggregate:
         "{params.run} aggregate --results {params.results:q} --metrics {input.metrics:q}"
         " --undefended {params.undefended:q} --benchmarks {input.benchmarks:q}"
         " --defense-benchmarks {input.defense_benchmarks:q} --features-benchmarks {input.features_benchmarks:q}"
+        " --robustness {input.robustness:q}"
         " --experiment {params.experiment:q} > {log:q} 2>&1"

@@ -21,4 +21,5 @@ wildcard_constraints:
     generator=r"[A-Za-z0-9_][A-Za-z0-9._-]*",
     figure=r"[A-Za-z0-9_][A-Za-z0-9._-]*",
     features=r"[A-Za-z0-9_][A-Za-z0-9._-]*",
+    robustness=r"[A-Za-z0-9_][A-Za-z0-9._-]*",
     seed=r"[0-9]+",

@@ -81,3 +81,33 @@ rule figure_embedding:
     shell:
         "{params.run} figures --spec {params.spec:q} --clean {input.clean:q} --poison {input.poison:q}"
         " --backbone {input.backbone:q} --threads {threads} --out {output:q} > {log:q} 2>&1"
+
+
+rule figure_gradcam:
+    conda:
+        "../envs/poisonflow.yaml"
+    input:
+        unpack(PLAN.tsne_inputs),
+    output:
+        report(f"{RESULTS}/figures/gradcam/{{figure}}.png", caption="../report/gradcam.rst",
+               category="Figures", subcategory="Grad-CAM", labels={"figure": "{figure}"}),
+    log:
+        PLAN.log("figure_gradcam", "{figure}"),
+    wildcard_constraints:
+        figure=PLAN.figure_wildcard("gradcam"),
+    params:
+        run=POISONFLOW,
+        spec=PLAN.figure_spec,
+        training=PLAN.figure_training,
+        names=PLAN.figure_attacks,
+        robustness=PLAN.figure_robustness,
+        code=PLAN.code("figures"),
+    threads: THREADS
+    resources:
+        gpu=PLAN.gpu("figure_gradcam"),
+        mem_mb=PLAN.mem_mb("figure_gradcam"),
+        runtime=PLAN.runtime("figure_gradcam"),
+    shell:
+        "{params.run} figures --spec {params.spec:q} --training {params.training:q} --names {params.names:q}"
+        " --poison {input.poison:q} --victims {input.victims:q} --robustness {params.robustness:q}"
+        " --threads {threads} --out {output:q} > {log:q} 2>&1"

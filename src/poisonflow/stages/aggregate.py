@@ -29,6 +29,9 @@ config (``--experiment``); a view is written only where the config has its struc
 - ``detections.{csv,md}`` — the classes a detecting defense (GSSD) flagged, per seed;
 - ``runtime.{csv,md}`` — wall-clock time of each defense's jobs and of the features job it reads,
   and GSSD's stages (GSSD Tables G.1 and G.2), from the rules' benchmark files and the jobs' clocks;
+- ``robustness.{csv,md}`` — ACC, ASR and RA of the victims under each robustness entry's
+  distortion levels (or on its folder), mean ± std over seeds; ``robustness_{dataset}_{training}_{entry}.png``
+  (and ``.csv``) — those metrics against the level, one line per attack (VSSC Fig. 4, Table 5);
 - ``efficiency.{csv,md}`` — seconds spent generating each poisoned set: the generation time the
   poison stage records in its store (``timing.generation_seconds``: the attack's own computation,
   without process start-up, reading or writing), next to the whole job's wall-clock and CPU
@@ -98,6 +101,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--defense-benchmarks", nargs="*", default=[], metavar="TSV",
                         help="the defense rule's benchmark files, results/benchmarks/defense/DATASET/ATTACK/"
                              "TRAINING/seedN/DEFENSE.tsv (the runtime view)")
+    parser.add_argument("--robustness", nargs="*", default=[], metavar="JSON",
+                        help="robustness jobs' results (results/robustness/.../{entry}.json)")
     parser.add_argument("--features-benchmarks", nargs="*", default=[], metavar="TSV",
                         help="the features rules' benchmark files, results/benchmarks/features/DATASET/ATTACK/"
                              "FEATURES/seedN.tsv (the runtime view)")
@@ -752,15 +757,77 @@ def detection_table(rows: pd.DataFrame) -> pd.DataFrame | None:
     return grouped.rename("detected classes").reset_index()
 
 
+ROBUSTNESS_NOTE = ("Victims under test-time distortions (robustness entries): ACC on the distorted clean test set, "
+                   "ASR and RA on the distorted ASR set, in %, mean ± std over seeds (– : one seed). "
+                   "level: blur kernel size, JPEG quality, noise σ (0–255), recapture strength; – for a folder.")
+ROBUSTNESS_METRICS = {"acc": "ACC (%)", "asr": "ASR (%)", "ra": "RA (%)"}
+LEVEL_LABELS = {"blur": "Gaussian blur kernel size", "jpeg": "JPEG quality", "noise": "Gaussian noise σ (0–255)",
+                "recapture": "recapture strength"}
+
+
+def robustness_rows(paths: list, results: Path) -> pd.DataFrame:
+    """One row per (dataset, attack, training, seed, entry, level, metric) of the robustness jobs'
+    JSON files (``results/robustness/{dataset}/{attack}/{training}/seed{seed}/{entry}.json``)."""
+    rows = []
+    for path in map(Path, paths):
+        dataset, attack, training, seed = path.relative_to(results / "robustness").parts[:4]
+        stored = read_json(path)
+        for row in stored["rows"]:
+            for metric in ROBUSTNESS_METRICS:
+                if metric in row and row[metric] is not None:
+                    rows.append({"dataset": dataset, "attack": attack, "training": training,
+                                 "seed": int(seed.removeprefix("seed")), "entry": path.stem, "kind": stored["kind"],
+                                 "level": row["level"], "metric": metric, "value": float(row[metric])})
+    return pd.DataFrame(rows, columns=["dataset", "attack", "training", "seed", "entry", "kind", "level", "metric",
+                                       "value"])
+
+
+def robustness_summary(rows: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sample std over seeds of each (dataset, training, entry, attack, level, metric), in the
+    order the rows came (config order)."""
+    keys = ["dataset", "training", "entry", "kind", "attack", "level", "metric"]
+    filled = rows.assign(level=rows["level"].astype(object).where(rows["level"].notna(), "–"))
+    grouped = filled.groupby(keys, sort=False, dropna=False)["value"]
+    return grouped.agg(mean="mean", std=sample_std).reset_index()
+
+
+def robustness_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Rows: (dataset, training, entry, attack, level); columns ACC, ASR, RA as mean ± std in %."""
+    index = ["dataset", "training", "entry", "attack", "level"]
+    cells = summary.assign(cell=[cell(m, s) for m, s in zip(summary["mean"], summary["std"])])
+    wide = cells.pivot_table(index=index, columns="metric", values="cell", aggfunc="first", sort=False)
+    columns = [m for m in ROBUSTNESS_METRICS if m in wide.columns]
+    table = wide[columns].reset_index().rename(columns={m: display_name(m) for m in columns})
+    return table.fillna("")
+
+
+def write_robustness(rows: pd.DataFrame, folder: Path) -> list[str]:
+    """robustness.{csv,md,tex} and one curve figure per (dataset, training, distortion entry)."""
+    if rows.empty:
+        return []
+    summary = robustness_summary(rows)
+    written = _write_table(robustness_table(summary), folder / "robustness", ROBUSTNESS_NOTE)
+    curves = summary[summary["kind"] != "folder"]
+    for (dataset, training, entry, kind), part in curves.groupby(["dataset", "training", "entry", "kind"], sort=False):
+        frame = part.rename(columns={"attack": "line", "level": "value"})[["metric", "line", "value", "mean", "std"]]
+        png = folder / f"robustness_{dataset}_{training}_{entry}.png"
+        sweep_curves(frame, png, LEVEL_LABELS.get(kind, "level"), labels=ROBUSTNESS_METRICS)
+        _atomic_text(frame.to_csv(index=False), png.with_suffix(".csv"))
+        written += _figure_files(png) + [png.with_suffix(".csv").name]
+    return written
+
+
 DETECTION_NOTE = ("Classes the defense flagged as attack targets, per seed (D: disruptive, ND: non-disruptive); "
                   "the attacks' target classes are in the config.")
 
 
 def write_report(annotated: pd.DataFrame, order: dict, benchmarks: pd.DataFrame, folder: Path,
                  sweeps: dict | None = None, detections: pd.DataFrame | None = None,
-                 runtime: pd.DataFrame | None = None) -> list[str]:
+                 runtime: pd.DataFrame | None = None, robustness: pd.DataFrame | None = None) -> list[str]:
     """Write every view the config has the structure for into ``folder``; return the file names."""
     written: list[str] = []
+    if robustness is not None:
+        written += write_robustness(robustness, folder)
     if runtime is not None:
         written += _write_table(runtime, folder / "runtime", RUNTIME_NOTE)
     table = sweep_table(annotated, sweeps or {})
@@ -838,5 +905,6 @@ def run(args) -> None:
                                 job_seconds(getattr(args, "features_benchmarks", None) or [], results, "features"),
                                 experiment, table, experiment.get("order", {}))
         written = write_report(annotate(summary, experiment), experiment.get("order", {}), benchmarks, report,
-                               experiment.get("sweeps", {}), detection_rows(records), runtime)
+                               experiment.get("sweeps", {}), detection_rows(records), runtime,
+                               robustness_rows(getattr(args, "robustness", None) or [], results))
         print(f"{report}: " + (", ".join(written) or "no view applies"))

@@ -13,7 +13,9 @@ The entry (``--spec``, validated, schema defaults filled) names its ``kind``; ea
   image, for this analysis of the attack, not for any defense);
 - ``tsne`` reads one victim ``model.pt`` (``--victims``) and its poisoned store (``--poison``) per
   attack (``--names``), with the victims' resolved trainings entry (``--training``); features on
-  the CPU.
+  the CPU;
+- ``gradcam`` reads the same as ``tsne``, and the robustness entries of its ``distortions``
+  (``--robustness``); Grad-CAM of a few triggered test images per attack, plain and distorted.
 
 The workflow imports this module to check the ``figures:`` entries (:func:`check_figures`), so
 torch and the store are imported inside the jobs.
@@ -39,12 +41,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, metavar="PNG", help="the PNG to write (a PDF is written next to it)")
     parser.add_argument("--clean", metavar="STORE", help="forgetting: clean store (training labels, class names)")
     parser.add_argument("--dynamics", metavar="NPZ", help="forgetting: the surrogate's dynamics.npz")
-    parser.add_argument("--training", metavar="JSON", help="tsne: the victims' resolved trainings entry (JSON)")
-    parser.add_argument("--names", nargs="+", help="tsne: attack names, one per panel")
-    parser.add_argument("--poison", nargs="+", metavar="STORE", help="tsne: poisoned stores, one per attack")
-    parser.add_argument("--victims", nargs="+", metavar="MODEL", help="tsne: victim model.pt files, one per attack")
+    parser.add_argument("--training", metavar="JSON", help="tsne, gradcam: the victims' resolved trainings entry (JSON)")
+    parser.add_argument("--names", nargs="+", help="tsne, gradcam: attack names, one per panel")
+    parser.add_argument("--poison", nargs="+", metavar="STORE", help="tsne, gradcam: poisoned stores, one per attack")
+    parser.add_argument("--victims", nargs="+", metavar="MODEL", help="tsne, gradcam: victim model.pt files, one per attack")
     parser.add_argument("--backbone", metavar="MODEL",
                         help="embedding-distances: the features entry's SimCLR backbone.pt (trained on the poisoned set)")
+    parser.add_argument("--robustness", metavar="JSON",
+                        help="gradcam: the robustness entries its distortions name (JSON: name → entry)")
     parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
 
 
@@ -225,6 +229,52 @@ def draw_embedding_distances(entry: dict, args) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
+# gradcam: where each attack's victim looks on triggered test images, plain and distorted (VSSC Fig. 5)
+# --------------------------------------------------------------------------------------------
+
+def check_gradcam(config: dict, entry: dict, key: str, describe: Callable[[str], dict]) -> None:
+    check_tsne(config, entry, key, describe)
+    for name in entry["distortions"]:
+        _check_name(config, "robustness", name, f"{key}.distortions.{name}")
+        if config["robustness"][name]["kind"] == "folder":
+            raise ConfigError(f"{key}.distortions.{name}: a folder entry is not a distortion")
+
+
+def draw_gradcam(entry: dict, args) -> Path:
+    from .. import distortions, gradcam
+    from ..modelio import load_model, model_spec
+    from ..store import read_store
+
+    if not len(args.names) == len(args.poison) == len(args.victims):
+        raise ConfigError("--names, --poison and --victims: need one of each per attack")
+    set_threads(args.threads)
+    training = parse_json(args.training, "--training")
+    robustness = parse_json(args.robustness, "--robustness") if args.robustness else {}
+    views = [("plain", None)] + [(f"{name} {level:g}", (name, level)) for name, level in entry["distortions"].items()]
+    images, cams, titles = [], [], []
+    for name, store_path, weights in zip(args.names, args.poison, args.victims):
+        store = read_store(store_path)
+        test = np.asarray(store["test/images"])
+        if not len(test):
+            raise ConfigError(f"figures: attack '{name}' has no triggered test images (an unlearnable-example set?)")
+        model = load_model(weights, "cpu", spec=model_spec(training["model"], len(store.attrs["classes"]),
+                                                           test.shape[1])).eval()
+        shown = np.sort(np.random.default_rng(int(entry["seed"])).choice(len(test), size=min(int(entry["samples"]), len(test)),
+                                                                          replace=False))
+        label = attack_label(name, store.attrs.get("attack"))
+        for view, distortion in views:
+            batch = test[shown]
+            if distortion is not None:
+                spec = robustness[distortion[0]]
+                batch = distortions.FAMILIES[spec["kind"]].apply(batch, distortion[1], spec.get("settings", {}),
+                                                                 np.random.default_rng(int(entry["seed"])))
+            images.append(batch)
+            cams.append(gradcam.grad_cam(model, batch, layer=entry["layer"]))
+            titles.append(f"{label}, {view}")
+    return gradcam.heatmap_figure(images, cams, titles, args.out)
+
+
+# --------------------------------------------------------------------------------------------
 # The kinds: one per value of the schema's figures.*.kind (its defaults live in the schema only)
 # --------------------------------------------------------------------------------------------
 
@@ -240,4 +290,5 @@ KINDS: dict[str, FigureKind] = {
     "tsne": FigureKind(("training", "names", "poison", "victims"), check_tsne, draw_tsne),
     "embedding-distances": FigureKind(("clean", "poison", "backbone"), check_embedding_distances,
                                       draw_embedding_distances),
+    "gradcam": FigureKind(("training", "names", "poison", "victims"), check_gradcam, draw_gradcam),
 }

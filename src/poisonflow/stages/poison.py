@@ -82,8 +82,10 @@ def load_scores(path: str, n: int) -> dict[str, np.ndarray]:
 
 
 def poison(attack: dict, seed: int, train_images, train_labels, test_images, test_labels, num_classes: int,
-           scores: dict | None = None, key: str = "attack", context: PoisonContext | None = None) -> dict[str, np.ndarray]:
-    """The arrays of a poisoned store for a resolved attack entry."""
+           scores: dict | None = None, key: str = "attack", context: PoisonContext | None = None,
+           report: dict | None = None) -> dict[str, np.ndarray]:
+    """The arrays of a poisoned store for a resolved attack entry. A kind with the ``report``
+    capability adds its trigger's ``report()`` (e.g. VSSC's acceptance rate) to ``report``."""
     import torch
 
     if not targets.all_to_all(attack) and attack["target"] >= num_classes:
@@ -129,11 +131,17 @@ def poison(attack: dict, seed: int, train_images, train_labels, test_images, tes
         noise_mode[extra] = True
 
     keep, asr_labels = targets.asr_set(test_labels, attack, num_classes)
+    if "labelled-test" in fragment.capabilities:  # the trigger edits each test image for its true class
+        asr_images = transform_with_labels(test_images[keep], torch.as_tensor(test_labels[keep]), trigger.apply_labelled)
+    else:
+        asr_images = transform(test_images[keep], trigger.apply)
+    if "report" in fragment.capabilities and report is not None:
+        report.update(trigger.report())
     return {
         "train/images": images, "train/labels": labels.astype(np.int64),
         "train/poisoned": poisoned, "train/true_labels": train_labels.astype(np.int64),
         "train/noise_mode": noise_mode, "train/cover": cover,
-        "test/images": transform(test_images[keep], trigger.apply),
+        "test/images": asr_images,
         "test/labels": asr_labels,
         "test/true_labels": test_labels[keep].astype(np.int64),
     }
@@ -189,6 +197,7 @@ def run(args) -> None:
                             surrogate=load_surrogate(attack, args.surrogate_dir, len(classes), train_images.shape[1], device),
                             extra={"key": key},
                             generator=load_generator(args.generator_dir) if args.generator_dir else None)
+    trigger_report: dict = {}  # what the kind reports of its generation (store attribute ``trigger_report``)
     started = time.perf_counter()  # the generation itself: after start-up, reading and model loading
     if attack["kind"] in UNLEARNABLE:
         arrays = protect(attack, args.seed, train_images, train_labels, context, key=key)
@@ -196,7 +205,7 @@ def run(args) -> None:
     else:
         scores = load_scores(args.scores, len(train_labels)) if args.scores else None
         arrays = poison(attack, args.seed, train_images, train_labels, clean["test/images"], clean["test/labels"],
-                        len(classes), scores, key=key, context=context)
+                        len(classes), scores, key=key, context=context, report=trigger_report)
         summary = (f"poisoned {int(arrays['train/poisoned'].sum())} of {len(train_labels)} training samples "
                    f"({attack['label_mode']}-label, selection {attack.get('selection', 'random')}); "
                    f"ASR set of {len(arrays['test/labels'])} images")
@@ -210,6 +219,7 @@ def run(args) -> None:
               "measures": "the poison/protect call: trigger building, sample selection and image generation, "
                           "without process start-up, reading the inputs or writing the store"}
     write_store(args.out, arrays, {"attack": attack, "attack_name": args.name, "seed": args.seed, "classes": classes,
-                                   "timing": timing}, provenance=provenance)
+                                   "timing": timing, **({"trigger_report": trigger_report} if trigger_report else {})},
+                provenance=provenance)
     shutil.rmtree(workdir, ignore_errors=True)
     print(f"{args.out}: {summary}")

@@ -4,7 +4,8 @@ Attack kinds whose trigger is learned (TrojanNN's patch, Input-Aware's generator
 encoder) declare a ``generator:`` part in their fragment and implement
 ``train_generator(spec, context) -> dict[str, torch.Tensor]``. This stage runs it once per dataset
 and generators entry and writes ``generator.pt`` (those tensors, read back weights-only),
-``info.json`` (the entry, the seconds spent) and, where the kind trains with the trainer, its
+``info.json`` (the entry, the seconds spent, and what the kind's optional
+``describe_generator(tensors) -> dict`` says of the result) and, where the kind trains with the trainer, its
 ``history*.csv``. The poison stage hands the tensors to the kind's ``build`` as
 ``context.generator``: an attack's rate, target or the victim's training never retrain them.
 """
@@ -82,11 +83,15 @@ def run(args) -> None:
                              load_surrogate(spec, args.surrogate_dir, len(classes), images.shape[1], device),
                              device, int(spec["seed"]), out / "work", key)
     started = time.perf_counter()
-    tensors = ATTACKS.get(spec["kind"], key=f"{key}.kind").train_generator(spec, context)
+    module = ATTACKS.get(spec["kind"], key=f"{key}.kind")
+    tensors = module.train_generator(spec, context)
     seconds = time.perf_counter() - started
+    # a kind may describe what it chose in words (VSSC: candidates, pass rates, choice) for info.json
+    describe = getattr(module, "describe_generator", None)
     for history in context.workdir.glob("history*.csv"):
         shutil.move(str(history), out / history.name)
     save_generator(tensors, out / GENERATOR_FILE)
-    write_json({"generator": spec, "name": args.name, "seconds": seconds, "device": str(device)}, out / "info.json")
+    write_json({"generator": spec, "name": args.name, "seconds": seconds, "device": str(device),
+                **({"report": describe(tensors)} if describe else {})}, out / "info.json")
     shutil.rmtree(context.workdir, ignore_errors=True)
     print(f"{out}: trained {spec['kind']} generator '{args.name}' in {seconds:.1f} s")
