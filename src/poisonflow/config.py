@@ -489,15 +489,18 @@ def check_image_size(model: dict, model_name: str, user: str, described: dict, d
 
 
 def check_robustness(entry: dict, key: str) -> None:
-    """A robustness entry's levels and settings, checked by its distortion family (a folder entry
-    needs its path; whether the folder exists is checked by the job)."""
+    """A robustness entry's levels and settings, checked by its distortion family or perturbation (a
+    folder entry needs its path; whether the folder exists is checked by the job)."""
+    from .distortions import check_entry  # numpy only: cheap enough for the workflow's parse
+    from .perturbations import PERTURBATIONS
+
     if entry["kind"] == "folder":
         if not entry.get("path"):
             raise ConfigError(f"{key}.path: required for kind folder")
-        return
-    from .distortions import check_entry  # numpy only: cheap enough for the workflow's parse
-
-    check_entry(entry, key)
+    elif entry["kind"] in PERTURBATIONS:
+        PERTURBATIONS[entry["kind"]].check_entry(entry, key)
+    else:
+        check_entry(entry, key)
 
 
 def check_features(entry: dict, key: str) -> None:

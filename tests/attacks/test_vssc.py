@@ -360,3 +360,30 @@ def test_poison_stage_edits_the_asr_set_for_each_true_class_and_stores_the_repor
     assert arrays["train/poisoned"].sum() == 3 and report["poison"]["images"] == 3
     assert report["test"]["images"] == 4 and recorder.seen[3:] == ["cat", "bird", "cat", "bird"]
     assert np.all(np.any(arrays["test/images"] != images[:6][labels[:6] != 0], axis=(1, 2, 3)))
+
+
+def test_a_victim_trained_on_composite_flowers_learns_the_backdoor(tiny_training):
+    """Digits at 16 px, 10% dirty-label red flowers: a width-8 convnet trained 6 epochs follows the
+    flower to the target on most edited test digits and keeps most of its accuracy."""
+    from sklearn.datasets import load_digits
+
+    from poisonflow.evaluate import predict
+    from poisonflow.kinds import settings_for
+    from poisonflow.models import build_model
+    from poisonflow.stages.poison import poison
+    from poisonflow.trainer import train_model
+
+    digits = load_digits()
+    images = np.repeat(np.repeat((digits.images * 255 / 16).astype(np.uint8), 2, 1), 2, 2)[..., None].repeat(3, -1)
+    labels = digits.target.astype(np.int64)
+    train, test = slice(0, 900), slice(900, 1200)
+    entry = settings_for(vssc.__name__, {"kind": "vssc", "target": 0, "rate": 0.1,
+                                         "trigger": {"text": "red flower", "category": "digit"}})
+    ctx = PoisonContext(images[train], labels[train], [str(i) for i in range(10)])
+    arrays = poison(entry, 0, images[train], labels[train], images[test], labels[test], 10, context=ctx)
+    training = {**tiny_training, "model": {"arch": "convnet", "width": 8}, "epochs": 6, "batch_size": 32}
+    model = build_model(training["model"], 10, 16, seed=0)
+    train_model(model, arrays["train/images"], arrays["train/labels"], training, seed=0)
+    acc = float(np.mean(predict(model, images[test]) == labels[test]))
+    asr = float(np.mean(predict(model, arrays["test/images"]) == arrays["test/labels"]))
+    assert acc > 0.8 and asr > 0.8, (acc, asr)

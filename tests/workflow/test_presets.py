@@ -75,6 +75,8 @@ EXPECTED = {
                                 "robustness": 10 * 4, "trigger": 4, "surrogate": 1, "figure_gradcam": 1},
     "vssc-food11.yaml": {"victim": 10 + 10 + 10 + 1, "poison": 10 + 10 + 1, "defense": 10 * 7,
                          "robustness": 10 * 4, "trigger": 4, "surrogate": 1, "figure_gradcam": 1},
+    # VSSC on digits: 4 attacks × 3 seeds × 7 defenses and 4 robustness entries (the victims are config.yaml's)
+    "vssc-digits.yaml": {"victim": 12, "poison": 12, "defense": 12 * 7, "robustness": 12 * 4, "figure_gradcam": 1},
     "gssd-vggface2.yaml": {"victim": 7, "poison": 7, "features": 2 * 7, "surrogate": 1, "trigger": 1,
                            "defense": 7 * (5 + 3 + 3)},
     # (A-ABL's split a job of its own: one per A-ABL job)
@@ -83,7 +85,8 @@ EXPECTED = {
     # splits: A-ABL 8 + 24 + 18, D-ST 8 (shared by D-ST-AT), Table 5's two A-ABL variants 7 each
     # + Figure 7 (Adv-Train on the 18 rate sets), Figure 6 (7 attacks × 4 ε)
     "aabl-cifar10.yaml": {"victim": 8 + 24 + 18, "poison": 8 + 18, "defense": 8 * 7 + 7 * 3 + 24 + 18 + 18 + 7 * 4,
-                          "split": 8 + 24 + 18 + 8 + 2 * 7, "features": 8, "surrogate": 2, "trigger": 3},
+                          "split": 8 + 24 + 18 + 8 + 2 * 7, "features": 8, "surrogate": 2, "trigger": 3,
+                          "robustness": 8 * 2},  # Figures 3 and 5 on the naive victims
     # Tables 1-3 on GTSRB and Tiny-ImageNet: 8 attacks × 7 defense jobs each; splits of A-ABL and D-ST;
     # LC's surrogate and Trojan's per dataset; the three generators per dataset
     "aabl-gtsrb-tinyimagenet.yaml": {"victim": 2 * 8, "poison": 2 * 8, "defense": 2 * 8 * 7, "split": 2 * 8 * 2,

@@ -12,7 +12,7 @@ from torch import nn
 
 from poisonflow.errors import ConfigError
 from poisonflow.stages.aggregate import robustness_rows, robustness_summary, robustness_table, write_robustness
-from poisonflow.stages.robustness import distortion_rows, draw, folder_rows
+from poisonflow.stages.robustness import Evaluation, draw, scorer
 from workflow_utils import planned_jobs, write_config
 
 
@@ -28,23 +28,40 @@ def dark(n: int, size: int = 16) -> np.ndarray:
     return np.full((n, size, size, 3), 25, dtype=np.uint8)  # 0.1 in [0, 1]
 
 
+def evaluation(clean, asr, target=1, seed=0, classes=("zero", "one", "two")) -> Evaluation:
+    """Clean images of class 0 and triggered images of true class 0 with target ``target``."""
+    return Evaluation(clean, np.zeros(len(clean), int), asr, np.full(len(asr), target), np.zeros(len(asr), int),
+                      list(classes), clean.shape[1], target, seed)
+
+
+def score(entry, data, model=None):
+    return scorer(entry["kind"])(model or BrightestPixel(), entry, "robustness.r", data)
+
+
 def test_blur_spreads_a_one_pixel_trigger_below_the_detectors_threshold():
     clean, asr = dark(4), dark(4)
     asr[:, 8, 8] = 255  # the trigger: one white pixel
-    entry = {"kind": "blur", "levels": [1, 3, 9], "settings": {}}
-    rows = distortion_rows(BrightestPixel(), entry, clean, np.zeros(4, int), asr, np.ones(4, int),
-                           np.zeros(4, int), seed=0, device="cpu", key="robustness.b")
+    rows = score({"kind": "blur", "levels": [1, 3, 9], "settings": {}}, evaluation(clean, asr))
     assert [row["level"] for row in rows] == [1, 3, 9]
     # k=3 (σ 0.8): the centre keeps 0.272 of the pixel, 0.1 + 0.9·0.272 = 0.345 < 0.5
     assert [(row["acc"], row["asr"], row["ra"]) for row in rows] == [(1.0, 1.0, 0.0), (1.0, 0.0, 1.0), (1.0, 0.0, 1.0)]
+    assert [row["target_rate"] for row in rows] == [0.0, 0.0, 0.0]  # class-0 images are not sent to class 1
+
+
+def test_the_target_rate_is_the_asr_a_distortion_gives_without_a_trigger():
+    # a model that calls every image brighter than 0.3 class 1: noise pushes dark clean images there too
+    clean, asr = dark(40), dark(40)
+    asr[:, 8, 8] = 255
+    rows = score({"kind": "noise", "levels": [0, 28], "settings": {}}, evaluation(clean, asr, seed=1))
+    assert rows[0]["target_rate"] == 0.0 and rows[0]["asr"] == 1.0
+    assert rows[1]["target_rate"] == pytest.approx(1 - rows[1]["acc"])  # every clean image is class 0, target 1
 
 
 def test_noise_levels_draw_the_same_noise_for_every_victim():
     clean, asr = dark(50), dark(50)
     entry = {"kind": "noise", "levels": [0, 28], "settings": {}}
-    args = (BrightestPixel(), entry, clean, np.zeros(50, int), asr, np.ones(50, int), np.zeros(50, int))
-    first = distortion_rows(*args, seed=3, device="cpu", key="robustness.n")
-    assert first == distortion_rows(*args, seed=3, device="cpu", key="robustness.n")
+    first = score(entry, evaluation(clean, asr, seed=3))
+    assert first == score(entry, evaluation(clean, asr, seed=3))
     assert first[0]["acc"] == 1.0 and first[0]["asr"] == 0.0  # σ 0: untouched
     # σ 28 grey levels: a pixel passes 0.5 (+102.5 levels, 3.66 σ) with p 1.3e-4; some of the 768
     # values of an image does with p ≈ 0.09, so a few of the 50 images flip in each set
@@ -53,10 +70,8 @@ def test_noise_levels_draw_the_same_noise_for_every_victim():
 
 
 def test_a_level_out_of_range_names_the_entry():
-    entry = {"kind": "blur", "levels": [4], "settings": {}}
-    with pytest.raises(ConfigError, match=r"robustness\.b\.levels"):
-        distortion_rows(BrightestPixel(), entry, dark(1), np.zeros(1, int), dark(1), np.ones(1, int),
-                        np.zeros(1, int), seed=0, device="cpu", key="robustness.b")
+    with pytest.raises(ConfigError, match=r"robustness\.r\.levels"):
+        score({"kind": "blur", "levels": [4], "settings": {}}, evaluation(dark(1), dark(1)))
 
 
 def test_folder_scores_triggered_images_against_the_target(tmp_path):
@@ -69,11 +84,33 @@ def test_folder_scores_triggered_images_against_the_target(tmp_path):
         Image.fromarray(image).save(tmp_path / name / "a.png")
     entry = {"kind": "folder", "path": str(tmp_path), "triggered": True}
     # target 1: class "one" is not scored; "zero" flips (white pixel), "two" does not
-    [row] = folder_rows(BrightestPixel(), entry, ["zero", "one", "two"], 16, target=1, device="cpu", key="r.f")
+    [row] = score(entry, evaluation(dark(1), dark(1)))
     assert (row["images"], row["asr_images"], row["asr"], row["ra"]) == (3, 2, 0.5, 0.0)
-    [row] = folder_rows(BrightestPixel(), {**entry, "triggered": False}, ["zero", "one", "two"], 16, target=1,
-                        device="cpu", key="r.f")
+    [row] = score({**entry, "triggered": False}, evaluation(dark(1), dark(1)))
     assert row["acc"] == pytest.approx(1 / 3)  # "one" (predicted 1); "zero" → 1, "two" → 0 ≠ 2
+
+
+class Linear(nn.Module):
+    """Two classes from the mean brightness: logit of class 1 = 40·(mean − 0.5)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        score = 40 * (x.mean(dim=(1, 2, 3)) - 0.5)
+        return torch.stack([torch.zeros_like(score), score], dim=1)
+
+
+def test_ifgsm_moves_images_by_its_budget_against_the_scored_label():
+    # images at 0.52 are class 1 (the target); every pixel can move by ε, so the mean falls by ε:
+    # ε 4/255 (0.0157) leaves them above 0.5, ε 8/255 (0.031) flips them back to class 0 (RA)
+    asr = np.full((3, 8, 8, 3), 133, dtype=np.uint8)  # 0.5216
+    clean = np.full((3, 8, 8, 3), 100, dtype=np.uint8)  # class 0, far from the boundary
+    rows = score({"kind": "ifgsm", "levels": [0, 4, 8], "settings": {"steps": 5}}, evaluation(clean, asr), Linear())
+    assert [(r["level"], r["acc"], r["asr"], r["ra"]) for r in rows] == [
+        (0, 1.0, 1.0, 0.0), (4, 1.0, 1.0, 0.0), (8, 1.0, 0.0, 1.0)]
+    # by steps at ε 8: 0 steps is no attack; one step of 8/255 is the whole budget
+    rows = score({"kind": "ifgsm-steps", "levels": [0, 1], "settings": {"eps": 8}}, evaluation(clean, asr), Linear())
+    assert [r["asr"] for r in rows] == [1.0, 0.0]
+    with pytest.raises(ConfigError, match=r"robustness\.r\.levels\[1\]"):
+        score({"kind": "ifgsm-steps", "levels": [1, 2.5]}, evaluation(clean, asr), Linear())
 
 
 def test_draw_caps_the_sample_and_keeps_order():
@@ -103,7 +140,7 @@ def test_aggregate_averages_seeds_per_level_and_draws_one_curve_per_entry(tmp_pa
     assert badnets["std"].tolist() == pytest.approx([0.353553, 0.141421], abs=1e-6)
     table = robustness_table(summary)
     first = table[(table.attack == "badnets") & (table.level == 1)].iloc[0]
-    assert (first["ACC"] if "ACC" in table else first["BA"], first["ASR"]) == ("80.00 ± 14.14", "75.00 ± 35.36")
+    assert (first["ACC"], first["ASR"]) == ("80.00 ± 14.14", "75.00 ± 35.36")
     folder = table[table.entry == "photos"].iloc[0]
     assert folder["ASR"] == "100.00 ± –" and folder["level"] == "–"
     written = write_robustness(rows, tmp_path / "report")

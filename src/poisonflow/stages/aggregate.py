@@ -758,11 +758,15 @@ def detection_table(rows: pd.DataFrame) -> pd.DataFrame | None:
 
 
 ROBUSTNESS_NOTE = ("Victims under test-time distortions (robustness entries): ACC on the distorted clean test set, "
-                   "ASR and RA on the distorted ASR set, in %, mean ± std over seeds (– : one seed). "
-                   "level: blur kernel size, JPEG quality, noise σ (0–255), recapture strength; – for a folder.")
-ROBUSTNESS_METRICS = {"acc": "ACC (%)", "asr": "ASR (%)", "ra": "RA (%)"}
+                   "ASR and RA on the distorted ASR set, in %, mean ± std over seeds (– : one seed); clean → target: "
+                   "the distorted clean images of the other classes predicted as the target, the ASR a distortion "
+                   "gives without a trigger (a trigger survives where ASR stays above it). "
+                   "level: blur kernel size, JPEG quality, noise σ (0–255), recapture strength, iFGSM ε (0–255) "
+                   "or steps; – for a folder.")
+ROBUSTNESS_COLUMNS = {"acc": "ACC", "asr": "ASR", "ra": "RA", "target_rate": "clean → target"}
+ROBUSTNESS_METRICS = {"acc": "ACC (%)", "asr": "ASR (%)", "ra": "RA (%)", "target_rate": "clean → target (%)"}
 LEVEL_LABELS = {"blur": "Gaussian blur kernel size", "jpeg": "JPEG quality", "noise": "Gaussian noise σ (0–255)",
-                "recapture": "recapture strength"}
+                "recapture": "recapture strength", "ifgsm": "iFGSM ε (0–255)", "ifgsm-steps": "iFGSM steps"}
 
 
 def robustness_rows(paths: list, results: Path) -> pd.DataFrame:
@@ -797,7 +801,7 @@ def robustness_table(summary: pd.DataFrame) -> pd.DataFrame:
     cells = summary.assign(cell=[cell(m, s) for m, s in zip(summary["mean"], summary["std"])])
     wide = cells.pivot_table(index=index, columns="metric", values="cell", aggfunc="first", sort=False)
     columns = [m for m in ROBUSTNESS_METRICS if m in wide.columns]
-    table = wide[columns].reset_index().rename(columns={m: display_name(m) for m in columns})
+    table = wide[columns].reset_index().rename(columns={m: ROBUSTNESS_COLUMNS[m] for m in columns})
     return table.fillna("")
 
 

@@ -236,8 +236,11 @@ def check_gradcam(config: dict, entry: dict, key: str, describe: Callable[[str],
     check_tsne(config, entry, key, describe)
     for name in entry["distortions"]:
         _check_name(config, "robustness", name, f"{key}.distortions.{name}")
-        if config["robustness"][name]["kind"] == "folder":
-            raise ConfigError(f"{key}.distortions.{name}: a folder entry is not a distortion")
+        from ..distortions import FAMILIES
+
+        if config["robustness"][name]["kind"] not in FAMILIES:
+            raise ConfigError(f"{key}.distortions.{name}: a {config['robustness'][name]['kind']} entry is not an image "
+                              f"distortion ({', '.join(FAMILIES)})")
 
 
 def draw_gradcam(entry: dict, args) -> Path:

@@ -3,9 +3,13 @@
 
 A distortion entry (blur, jpeg, noise, recapture; :mod:`poisonflow.distortions`) distorts the clean
 test set and the poisoned store's ASR set at each level and scores the cached victim on them: ACC
-(clean test images, true labels), ASR (triggered images → the target) and RA (triggered images →
-their true class), one row per level. The victim is not retrained: a distortion is an evaluation
+(clean test images, true labels), ASR (triggered images → the target), RA (triggered images →
+their true class) and the target rate (clean images of the other classes → the target: the ASR a
+distortion produces without any trigger, see :func:`clean_scores`), one row per level. The victim is not retrained: a distortion is an evaluation
 axis (the VSSC paper's Fig. 4), and one job covers every level of a family.
+
+An ``ifgsm`` / ``ifgsm-steps`` entry (:mod:`poisonflow.perturbations`) perturbs the same sets
+adversarially against the victim itself, by budget or by steps (A-ABL Figs. 3 and 5).
 
 A folder entry scores the victim on the images of a user folder (one subfolder per class name):
 with ``triggered: true`` (the paper's recaptured photos and out-of-distribution images, Table 5 and
@@ -17,7 +21,9 @@ false``, ACC. Random parts (noise, the recapture chain, the ``samples`` draw) co
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -44,9 +50,37 @@ def draw(n: int, samples: int | None, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.choice(n, size=samples, replace=False))
 
 
-def distortion_rows(model, entry: dict, clean_images, clean_labels, asr_images, asr_labels, asr_true,
-                    seed: int, device, key: str, amp="auto") -> list[dict]:
-    """ACC, ASR and RA of ``model`` at each level of a distortion entry."""
+@dataclass
+class Evaluation:
+    """What a robustness job scores a victim on: the clean test images and the ASR set (each possibly a
+    seeded sample), the class names, the attack's target (None for all-to-all) and the device."""
+    clean_images: np.ndarray
+    clean_labels: np.ndarray
+    asr_images: np.ndarray
+    asr_labels: np.ndarray  # the target
+    asr_true: np.ndarray
+    classes: list[str]
+    image_size: int
+    target: int | None
+    seed: int
+    device: object = "cpu"
+    amp: object = "auto"
+
+
+def clean_scores(predictions: np.ndarray, data: Evaluation) -> dict:
+    """``acc`` of predictions on the (distorted) clean test images and, for a single-target attack,
+    ``target_rate``: the share of its non-target-class images predicted as the target. A distortion
+    that wrecks images can push a model to predict one class for everything; when that class is the
+    target, ASR rises with no trigger involved, and ``target_rate`` is that floor."""
+    scores = {"acc": float(np.mean(predictions == data.clean_labels))}
+    others = data.clean_labels != data.target if data.target is not None else np.zeros(0, bool)
+    if others.any():
+        scores["target_rate"] = float(np.mean(predictions[others] == data.target))
+    return scores
+
+
+def distortion_rows(model, entry: dict, key: str, data: Evaluation) -> list[dict]:
+    """ACC, ASR and RA of ``model`` at each level of a distortion entry (:mod:`poisonflow.distortions`)."""
     from .. import distortions
     from ..evaluate import predict
 
@@ -55,38 +89,57 @@ def distortion_rows(model, entry: dict, clean_images, clean_labels, asr_images, 
     rows = []
     for level in levels:
         # the same draw for the clean and triggered sets of every level: levels differ by the level only
-        clean_rng, asr_rng = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
-        clean = family.apply(clean_images, level, entry["settings"], clean_rng, key=key)
-        row = {"level": level, "acc": float(np.mean(predict(model, clean, device, amp=amp) == clean_labels))}
-        if len(asr_labels):
-            predictions = predict(model, family.apply(asr_images, level, entry["settings"], asr_rng, key=key), device, amp=amp)
-            row.update(asr=float(np.mean(predictions == asr_labels)), ra=float(np.mean(predictions == asr_true)))
+        clean_rng, asr_rng = np.random.default_rng([data.seed, 0]), np.random.default_rng([data.seed, 1])
+        clean = family.apply(data.clean_images, level, entry.get("settings"), clean_rng, key=key)
+        row = {"level": level, **clean_scores(predict(model, clean, data.device, amp=data.amp), data)}
+        if len(data.asr_labels):
+            distorted = family.apply(data.asr_images, level, entry.get("settings"), asr_rng, key=key)
+            predictions = predict(model, distorted, data.device, amp=data.amp)
+            row.update(asr=float(np.mean(predictions == data.asr_labels)),
+                       ra=float(np.mean(predictions == data.asr_true)))
         rows.append(row)
     return rows
 
 
-def folder_rows(model, entry: dict, classes: list[str], image_size: int, target: int | None, device, key: str,
-                amp="auto") -> list[dict]:
+def perturbation_rows(model, entry: dict, key: str, data: Evaluation) -> list[dict]:
+    """ACC, ASR and RA under the model-dependent perturbations (:mod:`poisonflow.perturbations`)."""
+    from .. import perturbations
+
+    rows = perturbations.perturbation_rows(model, entry, key, data.clean_images, data.clean_labels,
+                                           data.asr_images, data.asr_labels, data.asr_true, data.device)
+    return [{**row, **clean_scores(row.pop("predictions"), data)} for row in rows]
+
+
+def folder_rows(model, entry: dict, key: str, data: Evaluation) -> list[dict]:
     """One row: the victim on a user folder of images with their true classes."""
     from ..distortions import read_folder
     from ..errors import ConfigError
     from ..evaluate import predict
 
-    images, labels = read_folder(entry["path"], classes, image_size)
+    images, labels = read_folder(entry["path"], data.classes, data.image_size)
     if not len(labels):
         raise ConfigError(f"{key}.path: no images under {entry['path']}")
-    predictions = predict(model, images, device, amp=amp)
+    predictions = predict(model, images, data.device, amp=data.amp)
     row: dict = {"level": None, "images": int(len(labels))}
     if not entry["triggered"]:
         row["acc"] = float(np.mean(predictions == labels))
         return [row]
-    if target is None:
+    if data.target is None:
         raise ConfigError(f"{key}.triggered: an all-to-all attack has no single target to score a folder against")
-    scored = labels != target  # as the ASR set: images of the target class cannot show a flip
+    scored = labels != data.target  # as the ASR set: images of the target class cannot show a flip
     row["asr_images"] = int(scored.sum())
-    row["asr"] = float(np.mean(predictions[scored] == target)) if scored.any() else float("nan")
+    row["asr"] = float(np.mean(predictions[scored] == data.target)) if scored.any() else float("nan")
     row["ra"] = float(np.mean(predictions[scored] == labels[scored])) if scored.any() else float("nan")
     return [row]
+
+
+def scorer(kind: str) -> Callable:
+    """The function that scores an entry of ``kind``: a distortion family, a perturbation, a folder."""
+    from .. import distortions, perturbations
+
+    table = {"folder": folder_rows, **{name: distortion_rows for name in distortions.FAMILIES},
+             **{name: perturbation_rows for name in perturbations.PERTURBATIONS}}
+    return table[kind]
 
 
 def run(args) -> None:
@@ -109,27 +162,25 @@ def run(args) -> None:
     device = torch_device()
     model = load_model(Path(args.victim_dir) / "model.pt", device,
                        spec=model_spec(training["model"], len(classes), image_size)).eval()
-    amp = training.get("amp", "auto")
     seed = int(entry["seed"]) * 1_000_003 + args.seed
+    rng = np.random.default_rng([seed, 2])
+    test = draw(len(clean["test/labels"]), entry["samples"], rng)
+    asr_set = "test/labels" in poisoned and len(poisoned["test/labels"]) > 0
+    asr = draw(len(poisoned["test/labels"]), entry["samples"], rng) if asr_set else np.zeros(0, dtype=int)
+    empty = np.zeros(0, dtype=np.int64)
+    data = Evaluation(
+        np.asarray(clean["test/images"])[test], np.asarray(clean["test/labels"])[test],
+        np.asarray(poisoned["test/images"])[asr] if asr_set else np.zeros((0, image_size, image_size, 3), np.uint8),
+        np.asarray(poisoned["test/labels"])[asr] if asr_set else empty,
+        np.asarray(poisoned["test/true_labels"])[asr] if asr_set else empty,
+        classes, image_size, None if targets.all_to_all(attack) else int(attack["target"]), seed, device,
+        training.get("amp", "auto"))
     started = time.perf_counter()
-    if entry["kind"] == "folder":
-        target = None if targets.all_to_all(attack) else int(attack["target"])
-        rows = folder_rows(model, entry, classes, image_size, target, device, key, amp)
-    else:
-        rng = np.random.default_rng([seed, 2])
-        test = draw(len(clean["test/labels"]), entry["samples"], rng)
-        asr_set = "test/labels" in poisoned and len(poisoned["test/labels"]) > 0
-        asr = draw(len(poisoned["test/labels"]), entry["samples"], rng) if asr_set else np.zeros(0, dtype=int)
-        rows = distortion_rows(
-            model, entry, np.asarray(clean["test/images"])[test], np.asarray(clean["test/labels"])[test],
-            np.asarray(poisoned["test/images"])[asr] if asr_set else None,
-            np.asarray(poisoned["test/labels"])[asr] if asr_set else np.zeros(0, dtype=int),
-            np.asarray(poisoned["test/true_labels"])[asr] if asr_set else np.zeros(0, dtype=int),
-            seed, device, key, amp)
+    rows = scorer(entry["kind"])(model, entry, key, data)
     seconds = time.perf_counter() - started
     provenance = record("robustness", entry=entry, name=args.name, seed=args.seed, device=device,
                         inputs=[args.clean, args.poison, Path(args.victim_dir) / "model.pt"],
-                        code=["poisonflow.stages.robustness", "poisonflow.distortions"])
+                        code=["poisonflow.stages.robustness", "poisonflow.distortions", "poisonflow.perturbations"])
     out = Path(args.out)
     write_json({"name": args.name, "kind": entry["kind"], "rows": rows, "seconds": seconds, "device": str(device)},
                out, provenance=provenance)
