@@ -363,8 +363,10 @@ def test_poison_stage_edits_the_asr_set_for_each_true_class_and_stores_the_repor
 
 
 def test_a_victim_trained_on_composite_flowers_learns_the_backdoor(tiny_training):
-    """Digits at 16 px, 10% dirty-label red flowers: a width-8 convnet trained 6 epochs follows the
-    flower to the target on most edited test digits and keeps most of its accuracy."""
+    """Digits at 16 px, 10% dirty-label red flowers pasted opaquely (alpha; the default Poisson
+    blending leaves a fainter blob that a model this small does not learn in 6 epochs, ASR ~8%): a
+    width-8 convnet trained 6 epochs follows the flower to the target on most edited test digits and
+    keeps its accuracy."""
     from sklearn.datasets import load_digits
 
     from poisonflow.evaluate import predict
@@ -378,7 +380,8 @@ def test_a_victim_trained_on_composite_flowers_learns_the_backdoor(tiny_training
     labels = digits.target.astype(np.int64)
     train, test = slice(0, 900), slice(900, 1200)
     entry = settings_for(vssc.__name__, {"kind": "vssc", "target": 0, "rate": 0.1,
-                                         "trigger": {"text": "red flower", "category": "digit"}})
+                                         "trigger": {"text": "red flower", "category": "digit",
+                                                     "insertion": {"composite": {"harmonize": "alpha"}}}})
     ctx = PoisonContext(images[train], labels[train], [str(i) for i in range(10)])
     arrays = poison(entry, 0, images[train], labels[train], images[test], labels[test], 10, context=ctx)
     training = {**tiny_training, "model": {"arch": "convnet", "width": 8}, "epochs": 6, "batch_size": 32}

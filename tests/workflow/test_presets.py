@@ -91,6 +91,8 @@ EXPECTED = {
     # LC's surrogate and Trojan's per dataset; the three generators per dataset
     "aabl-gtsrb-tinyimagenet.yaml": {"victim": 2 * 8, "poison": 2 * 8, "defense": 2 * 8 * 7, "split": 2 * 8 * 2,
                                      "features": 2 * 8, "surrogate": 2 * 2, "trigger": 2 * 3},
+    # the default's former third and fourth experiments: 4 selections + 4 unlearnable/clean sets, 3 seeds
+    "digits-hard-sample.yaml": {"victim": 24, "poison": 24, "surrogate": 1, "scores": 1},
     "digits-32px.yaml": {"victim": 30, "poison": 30, "defense": 12, "split": 6, "surrogate": 1, "scores": 1},
 }
 
