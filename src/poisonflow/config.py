@@ -173,9 +173,14 @@ class Config:
         ``section``: dataset, training, surrogate, generator, features, attack, defense or evaluation."""
         key = (section, name)
         if key not in self._json:
-            value = self.data["evaluation"] if section == "evaluation" else self._resolve(section, name)
+            value = self._evaluation_spec() if section == "evaluation" else self._resolve(section, name)
             self._json[key] = json.dumps(value, sort_keys=True, separators=(",", ":"))
         return self._json[key]
+
+    def _evaluation_spec(self) -> dict:
+        """The evaluation section as the jobs get it: keys added later with a null default that a
+        config leaves null are left out, so that adding them does not rerun every victim."""
+        return {key: value for key, value in self.data["evaluation"].items() if not (key == "curves" and value is None)}
 
     def _build_dataset(self, name: str) -> dict:
         return copy.deepcopy(self.data["datasets"][name])

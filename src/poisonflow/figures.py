@@ -336,3 +336,30 @@ def score_distributions(scores: dict, poisoned: np.ndarray, path: str | os.PathL
         fig.suptitle(title)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def learning_curves(curves: dict, path: str | os.PathLike, title: str = "") -> Path:
+    """``curves``: attack label → rows of :data:`poisonflow.curves.COLUMNS` (fractions). Two panels
+    (the training samples as released; their iFGSM examples), accuracy in % against the epoch, one
+    colour per attack, benign samples solid and poisoned ones dashed (A-ABL Fig. 8)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.5), sharey=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, rows) in enumerate(curves.items()):
+        epochs = [int(row["epoch"]) for row in rows]
+        for ax, kind in zip(axes, ("nat", "adv")):
+            for group, style in (("benign", "-"), ("poisoned", "--")):
+                values = [100 * float(row[f"{group}_{kind}"]) for row in rows]
+                ax.plot(epochs, values, style, color=colours[i % len(colours)], marker="o", markersize=3,
+                        label=f"{label}, {group}")
+    for ax, name in zip(axes, ("as released", "iFGSM examples")):
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy on the released labels (%)")
+    axes[1].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -129,13 +129,14 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = OVERLAY_ALPHA) ->
 
 
 def heatmap_figure(images: Sequence[np.ndarray], cams: Sequence[np.ndarray], titles: Sequence[str],
-                   path: str | os.PathLike, dpi: int = 150) -> Path:
+                   path: str | os.PathLike, dpi: int = 150, groups_per_row: int = 1) -> Path:
     """A figure of groups of images with their heat maps, written to ``path`` (format from its
     suffix) atomically; returns ``path``.
 
     ``images[g]`` is a group, uint8 (n, H, W, 3) or one image (H, W, 3), ``cams[g]`` its maps
     ((n, H, W) or (H, W), in [0, 1]) and ``titles[g]`` its title. Each group takes two rows, the
-    images above and the maps blended over them below, one column per image.
+    images above and the maps blended over them below, one column per image; ``groups_per_row``
+    groups sit side by side (e.g. one attack's plain and distorted images on one row).
     """
     from matplotlib.figure import Figure
 
@@ -145,19 +146,21 @@ def heatmap_figure(images: Sequence[np.ndarray], cams: Sequence[np.ndarray], tit
         raise ValueError(f"heatmap_figure: {len(groups)} groups of images, {len(maps)} of maps, {len(titles)} titles")
     groups = [group[None] if group.ndim == 3 else group for group in groups]
     maps = [cam[None] if cam.ndim == 2 else cam for cam in maps]
-    columns = max(len(group) for group in groups)
-    figure = Figure(figsize=(1.5 * columns, 3.2 * len(groups)))
-    axes = figure.subplots(2 * len(groups), columns, squeeze=False)
-    for row, (group, cam, title) in enumerate(zip(groups, maps, titles)):
+    width = max(len(group) for group in groups)
+    per_row = max(1, min(int(groups_per_row), len(groups)))
+    rows = -(-len(groups) // per_row)
+    figure = Figure(figsize=(1.5 * width * per_row, 3.2 * rows))
+    axes = figure.subplots(2 * rows, width * per_row, squeeze=False)
+    for axis in axes.flat:
+        axis.set_axis_off()
+    for index, (group, cam, title) in enumerate(zip(groups, maps, titles)):
         if group.shape[:3] != cam.shape:
             raise ValueError(f"heatmap_figure: group '{title}' has images {group.shape} and maps {cam.shape}")
-        for column in range(columns):
-            for axis in axes[2 * row:2 * row + 2, column]:
-                axis.set_axis_off()
-            if column < len(group):
-                axes[2 * row, column].imshow(group[column])
-                axes[2 * row + 1, column].imshow(overlay(group[column], cam[column]))
-        axes[2 * row, 0].set_title(str(title), fontsize=8, loc="left")
+        row, first = 2 * (index // per_row), width * (index % per_row)
+        for column in range(len(group)):
+            axes[row, first + column].imshow(group[column])
+            axes[row + 1, first + column].imshow(overlay(group[column], cam[column]))
+        axes[row, first].set_title(str(title), fontsize=8, loc="left")
     figure.tight_layout()
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower() or "png"

@@ -535,6 +535,15 @@ def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor, net: torch.nn.
     optimizer.step()
 
 
+def apply_gradients(optimizer: torch.optim.Optimizer, params, grads) -> None:
+    """One optimizer step on gradients computed elsewhere (i-BAU's implicit hypergradient): each
+    parameter's gradient set to its entry of ``grads``, then the step."""
+    optimizer.zero_grad(set_to_none=True)
+    for param, grad in zip(params, grads):
+        param.grad = grad
+    optimizer.step()
+
+
 def batch_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
                *, grad_clip: float | None = None, objective: Objective = CROSS_ENTROPY) -> float:
     """One step of the trainer on a float batch that the caller made, outside an epoch loop.

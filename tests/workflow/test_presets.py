@@ -86,7 +86,7 @@ EXPECTED = {
     # + Figure 7 (Adv-Train on the 18 rate sets), Figure 6 (7 attacks × 4 ε)
     "aabl-cifar10.yaml": {"victim": 8 + 24 + 18, "poison": 8 + 18, "defense": 8 * 7 + 7 * 3 + 24 + 18 + 18 + 7 * 4,
                           "split": 8 + 24 + 18 + 8 + 2 * 7, "features": 8, "surrogate": 2, "trigger": 3,
-                          "robustness": 8 * 2},  # Figures 3 and 5 on the naive victims
+                          "robustness": 8 * 2, "figure_curves": 2},  # Figures 3, 5 (naive victims), 8, 10
     # Tables 1-3 on GTSRB and Tiny-ImageNet: 8 attacks × 7 defense jobs each; splits of A-ABL and D-ST;
     # LC's surrogate and Trojan's per dataset; the three generators per dataset
     "aabl-gtsrb-tinyimagenet.yaml": {"victim": 2 * 8, "poison": 2 * 8, "defense": 2 * 8 * 7, "split": 2 * 8 * 2,

@@ -143,6 +143,11 @@ def test_aggregate_averages_seeds_per_level_and_draws_one_curve_per_entry(tmp_pa
     assert (first["ACC"], first["ASR"]) == ("80.00 ± 14.14", "75.00 ± 35.36")
     folder = table[table.entry == "photos"].iloc[0]
     assert folder["ASR"] == "100.00 ± –" and folder["level"] == "–"
+    # levels ascending in each group even where another entry has an equal level first (1 and 1.0)
+    recapture = [write_job(results, "badnets", 0, [{"level": 0, "acc": 1.0}, {"level": 0.5, "acc": 0.9},
+                                                   {"level": 1.0, "acc": 0.8}], "recapture", "recapture")]
+    mixed = robustness_summary(robustness_rows(paths + recapture, results))
+    assert mixed[mixed.entry == "recapture"]["level"].tolist() == [0, 0.5, 1.0]
     written = write_robustness(rows, tmp_path / "report")
     assert "robustness.md" in written and "robustness_digits_quick_blur.png" in written
     assert "robustness_digits_quick_photos.png" not in written  # a folder has no levels to draw

@@ -149,12 +149,18 @@ def test_defense_layout_has_attack_rows_defense_columns_and_average_and_worst_ro
                 rows.append({"dataset": "d", "attack": attack, "training": "t", "defense": defense, "metric": metric,
                              "mean": value, "std": np.nan, "n": 1})
     layout = defense_layouts(pd.DataFrame(rows), {"defense": ["none", "A"], "attack": ["clean", "b1", "b2"]})[("d", "t")]
-    assert list(layout.columns) == ["attack", "none ACC", "none ASR", "none RA", "A ACC", "A ASR", "A RA"]
+    assert list(layout.columns) == ["attack", "none ACC", "none ASR", "none PGD", "A ACC", "A ASR", "A PGD"]
     table = layout.set_index("attack")
     assert table.loc["clean", "none ASR"] == "–" and table.loc["b1", "A ASR"] == "2.00"
     assert table.loc["Average", "A ACC"] == "75.00" and table.loc["Average", "A ASR"] == "6.00"
     assert table.loc["Worst Case", "A ACC"] == "70.00" and table.loc["Worst Case", "A ASR"] == "10.00"
-    assert table.loc["Worst Case", "A RA"] == "30.00"
+    assert table.loc["Worst Case", "A PGD"] == "30.00"
+    # with the backdoor RA and nDER measured (the VSSC tables), both get columns; nDER's worst is its lowest
+    rows += [{"dataset": "d", "attack": a, "training": "t", "defense": "A", "metric": m, "mean": v, "std": np.nan,
+              "n": 1} for a, m, v in (("b1", "ra", 0.9), ("b2", "ra", 0.6), ("b1", "nder", 0.95), ("b2", "nder", 0.8))]
+    table = defense_layouts(pd.DataFrame(rows), {"defense": ["none", "A"]})[("d", "t")].set_index("attack")
+    assert list(table.columns)[-3:] == ["A RA", "A PGD", "A nDER"] and table.loc["b1", "none RA"] == "–"
+    assert table.loc["Average", "A nDER"] == "87.50" and table.loc["Worst Case", "A nDER"] == "80.00"
 
 
 def test_a_numeric_sweep_becomes_curves_per_attack_and_a_figure(tmp_path):

@@ -40,8 +40,9 @@ TINY = {
         "aabl": {"kind": "aabl", "stage1": {"epochs": 2}, "split": {"eps": 8 / 255},
                  "stage3": {"epochs": 1, "adversarial": PGD}},
     },
+    "robustness": {"blur": {"kind": "blur", "levels": [1, 5]}},
     "experiments": [{"dataset": ["digits"], "attack": ["badnets", "blended", "hard"], "training": ["fast"],
-                     "defense": ["none", "fp", "aabl"], "seed": [0]}],
+                     "defense": ["none", "fp", "aabl"], "seed": [0], "robustness": ["blur"]}],
 }
 ATTACKS = ["badnets", "blended", "hard"]
 DEFENSES = ["none", "fp", "aabl"]
@@ -52,6 +53,11 @@ def job(rule, **wildcards):
 
 
 SPLITTING = {"aabl"}  # entries whose kind splits: their split is a job of its own
+
+
+def robustness_jobs(attacks):
+    """The robustness jobs (entry `blur`) of these attacks' victims."""
+    return {job("robustness", dataset="digits", attack=a, training="fast", seed=0, robustness="blur") for a in attacks}
 
 
 def defense_jobs(attacks, defenses):
@@ -103,6 +109,12 @@ def test_outputs_and_backdoor_numbers(workdir):
     assert (workdir / "results/figures/summary.png").stat().st_size > 1000
     scores = pd.read_csv(workdir / "results/scores/digits/s.csv")
     assert list(scores.columns) == ["index", "label", "loss", "gradnorm", "forgetting"]
+    # a blur of kernel 1 is no blur: the robustness job's first row is the victim's own evaluation
+    blur = json.loads((workdir / "results/robustness/digits/badnets/fast/seed0/blur.json").read_text())
+    assert [row["level"] for row in blur["rows"]] == [1, 5]
+    assert blur["rows"][0]["acc"] == pytest.approx(badnets["acc"]) and blur["rows"][0]["asr"] == pytest.approx(badnets["asr"])
+    assert "badnets" in (workdir / "results/report/robustness.md").read_text()
+    assert (workdir / "results/report/robustness_digits_fast_blur.png").stat().st_size > 1000
     assert not (workdir / "results/victims/digits/badnets/fast/seed0/checkpoint.pt").exists()
 
 
@@ -117,6 +129,7 @@ def test_every_job_leaves_a_log(workdir):
     expected |= {f"victim/digits/{a}/fast/seed0.log" for a in ATTACKS}
     expected |= {f"defense/digits/{a}/fast/seed0/{d}.log" for a in ATTACKS for d in DEFENSES if d != "none"}
     expected |= {f"split/digits/{a}/fast/seed0/{d}.log" for a in ATTACKS for d in DEFENSES if d in SPLITTING}
+    expected |= {f"robustness/digits/{a}/fast/seed0/blur.log" for a in ATTACKS}
     assert logs == expected
     victim = (workdir / "results/logs/victim/digits/badnets/fast/seed0.log").read_text()
     assert "results/victims/digits/badnets/fast/seed0: acc=" in victim
@@ -160,8 +173,13 @@ def test_attack_edit_reruns_only_that_attack(workdir, edit):
     edit(lambda c: c["attacks"]["badnets"].update(rate=0.15))
     expected = {job("poison", dataset="digits", attack="badnets", seed=0),
                 job("victim", dataset="digits", attack="badnets", training="fast", seed=0),
-                job("aggregate")} | defense_jobs(["badnets"], DEFENSES)
+                job("aggregate")} | defense_jobs(["badnets"], DEFENSES) | robustness_jobs(["badnets"])
     assert planned_jobs(workdir) == expected
+
+
+def test_robustness_edit_reruns_only_the_robustness_jobs(workdir, edit):
+    edit(lambda c: c["robustness"]["blur"].update(levels=[1, 3]))
+    assert planned_jobs(workdir) == robustness_jobs(ATTACKS) | {job("aggregate")}
 
 
 def test_defense_edit_reruns_only_that_defense(workdir, edit):
@@ -174,7 +192,7 @@ def test_surrogate_edit_reruns_scores_and_hard_selection_only(workdir, edit):
     expected = {job("surrogate", dataset="digits", surrogate="s"), job("scores", dataset="digits", surrogate="s"),
                 job("poison", dataset="digits", attack="hard", seed=0),
                 job("victim", dataset="digits", attack="hard", training="fast", seed=0),
-                job("aggregate")} | defense_jobs(["hard"], DEFENSES)
+                job("aggregate")} | defense_jobs(["hard"], DEFENSES) | robustness_jobs(["hard"])
     assert planned_jobs(workdir) == expected
 
 
@@ -211,7 +229,7 @@ def test_poison_stage_source_edit_reruns_downstream_not_upstream(workdir, source
     source_edit("stages/poison.py")
     expected = ({job("poison", dataset="digits", attack=a, seed=0) for a in ATTACKS}
                 | {job("victim", dataset="digits", attack=a, training="fast", seed=0) for a in ATTACKS}
-                | defense_jobs(ATTACKS, DEFENSES) | {job("aggregate")})
+                | defense_jobs(ATTACKS, DEFENSES) | robustness_jobs(ATTACKS) | {job("aggregate")})
     assert planned_jobs(workdir) == expected
 
 
@@ -219,7 +237,7 @@ def test_trigger_source_edit_reruns_only_attacks_that_use_it(workdir, source_edi
     source_edit("attacks/blended.py")
     expected = {job("poison", dataset="digits", attack="blended", seed=0),
                 job("victim", dataset="digits", attack="blended", training="fast", seed=0),
-                job("aggregate")} | defense_jobs(["blended"], DEFENSES)
+                job("aggregate")} | defense_jobs(["blended"], DEFENSES) | robustness_jobs(["blended"])
     assert planned_jobs(workdir) == expected
 
 

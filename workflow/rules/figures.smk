@@ -111,3 +111,28 @@ rule figure_gradcam:
         "{params.run} figures --spec {params.spec:q} --training {params.training:q} --names {params.names:q}"
         " --poison {input.poison:q} --victims {input.victims:q} --robustness {params.robustness:q}"
         " --threads {threads} --out {output:q} > {log:q} 2>&1"
+
+
+rule figure_curves:
+    conda:
+        "../envs/poisonflow.yaml"
+    input:
+        unpack(PLAN.curves_inputs),
+    output:
+        report(f"{RESULTS}/figures/learning-curves/{{figure}}.png", caption="../report/curves.rst",
+               category="Figures", subcategory="learning curves", labels={"figure": "{figure}"}),
+    log:
+        PLAN.log("figure_curves", "{figure}"),
+    wildcard_constraints:
+        figure=PLAN.figure_wildcard("learning-curves"),
+    params:
+        run=POISONFLOW,
+        spec=PLAN.figure_spec,
+        names=PLAN.figure_attacks,
+        code=PLAN.code("figures"),
+    resources:
+        mem_mb=PLAN.mem_mb("figure_curves"),
+        runtime=PLAN.runtime("figure_curves"),
+    shell:
+        "{params.run} figures --spec {params.spec:q} --names {params.names:q} --victims {input.victims:q}"
+        " --out {output:q} > {log:q} 2>&1"

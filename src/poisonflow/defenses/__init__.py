@@ -43,6 +43,10 @@ class DefenseContext:
     # the split of a splitting defense, computed by its own cached job (the split stage): a splitting
     # kind uses it instead of splitting again; a ``split-train`` entry trains on it
     split: SplitResult | None = None
+    # an observer of the defense's final training (the trainer's ``on_epoch``): the defense stage
+    # attaches one to record learning curves for an analysis figure when the evaluation asks for
+    # them (A-ABL Fig. 10); a defense passes it to ``train_model`` as it is and never reads it
+    observer: Callable | None = None
 
     def fresh_model(self, offset: int = 0) -> torch.nn.Module:
         """An untrained victim-architecture model whose initialization depends only on the seed

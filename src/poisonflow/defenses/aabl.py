@@ -144,7 +144,7 @@ def adversarial_training(ctx: DefenseContext, kept: np.ndarray, stage3: dict) ->
     workdir = Path(ctx.workdir)
     result = train_model(ctx.fresh_model(), ctx.train_images, ctx.train_labels, merge(ctx.training, stage3),
                          subset=kept, seed=ctx.seed, device=ctx.device, checkpoint=workdir / "stage3.pt",
-                         history=workdir / "history-stage3.csv", desc="aabl stage 3")
+                         history=workdir / "history-stage3.csv", desc="aabl stage 3", on_epoch=ctx.observer)
     return result.model
 
 

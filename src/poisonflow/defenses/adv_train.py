@@ -28,5 +28,5 @@ def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
     model = ctx.fresh_model()
     result = train_model(model, ctx.train_images, ctx.train_labels, merge(ctx.training, resolved["training"]),
                          seed=ctx.seed, device=ctx.device, checkpoint=workdir / "adv-train.pt",
-                         history=workdir / "history-adv-train.csv", desc="adv-train")
+                         history=workdir / "history-adv-train.csv", desc="adv-train", on_epoch=ctx.observer)
     return DefenseResult(model=result.model, kept=np.ones(len(ctx.train_labels), dtype=bool))

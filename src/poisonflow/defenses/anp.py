@@ -52,7 +52,7 @@ from .. import augment
 from ..errors import ConfigError
 from ..kinds import settings_for
 from ..progress import bar
-from ..trainer import images_to_tensor, to_float
+from ..trainer import descend, images_to_tensor, to_float
 from . import DefenseContext, DefenseResult
 from .clean_data import clean_split
 
@@ -144,9 +144,7 @@ def optimize_masks(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         else:
             robust = torch.zeros((), device=device)
         natural = F.cross_entropy(neuron_forward(model, layers, x, masks), y)
-        optimizer.zero_grad(set_to_none=True)
-        (alpha * natural + (1 - alpha) * robust).backward()
-        optimizer.step()
+        descend(optimizer, alpha * natural + (1 - alpha) * robust, model)  # the trainer's step, on the masks
         with torch.no_grad():
             for mask in masks:
                 mask.clamp_(0.0, 1.0)

@@ -43,7 +43,7 @@ from torch import nn
 from .. import augment
 from ..kinds import settings_for
 from ..progress import bar
-from ..trainer import images_to_tensor, to_float
+from ..trainer import apply_gradients, images_to_tensor, to_float
 from . import DefenseContext, DefenseResult
 from .clean_data import clean_split
 
@@ -166,10 +166,7 @@ def unlearn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, settin
             grads, loss = fixed_point_hypergradient(
                 delta, params, fixed_point_map, patched_loss(model, x, y, augment.to_device(rows, device)),
                 int(settings["fixed_point_iterations"]))
-            optimizer.zero_grad(set_to_none=True)
-            for p, g in zip(params, grads):
-                p.grad = g
-            optimizer.step()
+            apply_gradients(optimizer, params, grads)  # the trainer's step, on the hypergradient
             outer_losses.append(float(loss))
             progress.update(1)
         metrics = {"perturbation_norm": float(delta.norm()), "perturbation_ce": adversarial_ce,

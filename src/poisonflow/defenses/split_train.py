@@ -32,6 +32,6 @@ def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
     workdir = Path(ctx.workdir)
     model = train_model(ctx.fresh_model(0), ctx.train_images, ctx.train_labels, merge(ctx.training, resolved["training"]),
                         subset=kept, seed=ctx.seed, device=ctx.device, checkpoint=workdir / "train.pt",
-                        history=workdir / "history-train.csv", desc="split-train").model
+                        history=workdir / "history-train.csv", desc="split-train", on_epoch=ctx.observer).model
     return DefenseResult(model=model.eval(), metrics={"gamma": float(kept.mean())}, kept=kept,
                          sample_scores=ctx.split.sample_scores, thresholds=ctx.split.thresholds)

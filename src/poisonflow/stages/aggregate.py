@@ -19,8 +19,8 @@ config (``--experiment``); a view is written only where the config has its struc
 - ``unlearnable.{csv,md}`` — clean test accuracy of the attacks evaluated without an ASR set
   (unlearnable examples, clean baselines), columns: whatever varies among dataset, training
   and defense (TriggerUE, Tables 1, 3, 4, 5);
-- ``defenses_{dataset}_{training}.{csv,md}`` — rows attacks, columns defense × (ACC, ASR, RA), with
-  the Average and Worst Case rows (A-ABL Table 3's layout);
+- ``defenses_{dataset}_{training}.{csv,md}`` — rows attacks, columns defense × (ACC, ASR, RA, PGD,
+  nDER), with the Average and Worst Case rows (A-ABL Table 3's and VSSC Tables 3–4's layout);
 - ``sweeps.{csv,md}`` — every value of a swept key (``{sweep: [...]}``, :mod:`poisonflow.sweeps`)
   with ACC and ASR, and the value of lowest mean ASR marked (the papers' choice, made on test data);
 - ``sweep_{entry}.png`` (and ``.csv``) — ASR, ACC and RA against a swept numeric key, one line per
@@ -459,17 +459,19 @@ def unlearnable_table(annotated: pd.DataFrame, order: dict) -> pd.DataFrame | No
     return pd.DataFrame(rows, columns=["method", *settings])
 
 
-LAYOUT_METRICS = (("acc", "ACC"), ("asr", "ASR"), ("pgd_acc", "RA"))
+LAYOUT_METRICS = (("acc", "ACC"), ("asr", "ASR"), ("ra", "RA"), ("pgd_acc", "PGD"), ("nder", "nDER"))
 LAYOUT_NOTE = ("Values in %, mean over seeds. Rows: attacks (a row without ASR is an attack-free baseline: "
-               "\"----\" in the A-ABL paper); columns: defense × metric (RA: accuracy under the evaluation's PGD). "
-               "Average and Worst Case over the attacks with an ASR: mean, and the lowest ACC and RA and highest "
-               "ASR.")
+               "\"----\" in the A-ABL paper); columns: defense × metric. RA: triggered test images classified as "
+               "their true class (BackdoorBench's and the VSSC paper's RA); PGD: clean accuracy under the "
+               "evaluation's PGD (what the A-ABL paper calls RA); nDER: the VSSC paper's normalized defense "
+               "effectiveness rating. Average and Worst Case over the attacks with an ASR: mean, and the lowest "
+               "ACC, RA, PGD and nDER and the highest ASR.")
 
 
 def defense_layouts(annotated: pd.DataFrame, order: dict) -> dict:
-    """The papers' defense tables (A-ABL Table 3): one per (dataset, training) with at least two
-    defenses and an attack with an ASR; rows attacks, columns defense × (ACC, ASR, RA), then the
-    Average and Worst Case rows."""
+    """The papers' defense tables (A-ABL Table 3, VSSC Tables 3–4): one per (dataset, training) with at
+    least two defenses and an attack with an ASR; rows attacks, columns defense × (ACC, ASR, RA, PGD,
+    nDER, those measured), then the Average and Worst Case rows."""
     layouts = {}
     for (dataset, training), part in annotated.groupby(["dataset", "training"], sort=False):
         defenses = _ordered(part["defense"], order.get("defense", []))
@@ -490,7 +492,7 @@ def defense_layouts(annotated: pd.DataFrame, order: dict) -> dict:
                     if attack in with_asr:
                         values.setdefault(f"{d} {label}", []).append(value)
             rows.append(row)
-        worst = {"ACC": np.nanmin, "ASR": np.nanmax, "RA": np.nanmin}
+        worst = {"ACC": np.nanmin, "ASR": np.nanmax, "RA": np.nanmin, "PGD": np.nanmin, "nDER": np.nanmin}
         for name, reduce in (("Average", lambda label: np.nanmean), ("Worst Case", lambda label: worst[label])):
             row = {"attack": name}
             for column in columns:
@@ -791,8 +793,14 @@ def robustness_summary(rows: pd.DataFrame) -> pd.DataFrame:
     order the rows came (config order)."""
     keys = ["dataset", "training", "entry", "kind", "attack", "level", "metric"]
     filled = rows.assign(level=rows["level"].astype(object).where(rows["level"].notna(), "–"))
-    grouped = filled.groupby(keys, sort=False, dropna=False)["value"]
-    return grouped.agg(mean="mean", std=sample_std).reset_index()
+    summary = filled.groupby(keys, sort=False, dropna=False)["value"].agg(mean="mean", std=sample_std).reset_index()
+    # config order of the groups, each group's levels ascending (groupby may order equal levels of
+    # different entries, 1 and 1.0, by where they first appeared)
+    group = summary[keys[:5]].astype(str).agg("/".join, axis=1)
+    first = {name: i for i, name in reversed(list(enumerate(group)))}
+    level = pd.to_numeric(summary["level"], errors="coerce")
+    order = np.lexsort((level.fillna(-np.inf).to_numpy(), group.map(first).to_numpy()))
+    return summary.iloc[order].reset_index(drop=True)
 
 
 def robustness_table(summary: pd.DataFrame) -> pd.DataFrame:

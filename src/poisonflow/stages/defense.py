@@ -206,6 +206,11 @@ def run(args) -> None:
                                features=read_features(args.features, poisoned),
                                features_dir=Path(args.features).parent if args.features else None,
                                split=SplitResult.load(args.split) if args.split else None)
+    if evaluation.get("curves"):  # learning curves of the defense's final training, for analysis (A-ABL Fig. 10)
+        from ..curves import CurveRecorder
+
+        context.observer = CurveRecorder(out / "curves.csv", poisoned["train/images"], poisoned["train/labels"],
+                                         poisoned["train/poisoned"], evaluation["curves"], args.seed, device)
     started = time.perf_counter()
     result = DEFENSES.get(spec["kind"], key=f"defenses.{args.name}.kind").run(spec, context)
     seconds = time.perf_counter() - started

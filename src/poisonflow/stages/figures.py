@@ -15,7 +15,9 @@ The entry (``--spec``, validated, schema defaults filled) names its ``kind``; ea
   attack (``--names``), with the victims' resolved trainings entry (``--training``); features on
   the CPU;
 - ``gradcam`` reads the same as ``tsne``, and the robustness entries of its ``distortions``
-  (``--robustness``); Grad-CAM of a few triggered test images per attack, plain and distorted.
+  (``--robustness``); Grad-CAM of a few triggered test images per attack, plain and distorted;
+- ``learning-curves`` reads the ``curves.csv`` beside each victim ``model.pt`` (``--victims``,
+  ``--names``), written when ``evaluation.curves`` is set.
 
 The workflow imports this module to check the ``figures:`` entries (:func:`check_figures`), so
 torch and the store are imported inside the jobs.
@@ -274,7 +276,37 @@ def draw_gradcam(entry: dict, args) -> Path:
             images.append(batch)
             cams.append(gradcam.grad_cam(model, batch, layer=entry["layer"]))
             titles.append(f"{label}, {view}")
-    return gradcam.heatmap_figure(images, cams, titles, args.out)
+    return gradcam.heatmap_figure(images, cams, titles, args.out, groups_per_row=len(views))
+
+
+# --------------------------------------------------------------------------------------------
+# learning-curves: victims' per-epoch accuracy on benign and poisoned samples, plain and iFGSM (A-ABL Fig. 8)
+# --------------------------------------------------------------------------------------------
+
+def check_learning_curves(config: dict, entry: dict, key: str, describe: Callable[[str], dict]) -> None:
+    check_tsne(config, entry, key, describe)
+    if "defense" in entry:  # a defense kind records curves if it hands the stage's observer to its training
+        _check_name(config, "defenses", entry["defense"], f"{key}.defense")
+    if not config.get("evaluation", {}).get("curves"):
+        raise ConfigError(f"{key}: learning curves are recorded only with evaluation.curves set "
+                          f"(e.g. evaluation: {{curves: {{eps: 0.00784, steps: 5}}}})")
+
+
+def draw_learning_curves(entry: dict, args) -> Path:
+    from ..curves import read_curves
+    from ..figures import learning_curves
+
+    curves, labels = {}, []
+    for name, weights in zip(args.names, args.victims):
+        path = Path(weights).with_name("curves.csv")
+        rows = read_curves(path)
+        if not rows:
+            raise ConfigError(f"{path}: no learning curves (the model was trained without evaluation.curves; "
+                              f"rerun it with --forcerun)")
+        curves[name] = rows
+        labels.append(attack_label(name))
+    title = f"{entry['dataset']}, {entry.get('defense', entry['training'])}, seed {entry['seed']}"
+    return learning_curves(dict(zip(unique_labels(list(args.names), labels), curves.values())), args.out, title)
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,4 +326,5 @@ KINDS: dict[str, FigureKind] = {
     "embedding-distances": FigureKind(("clean", "poison", "backbone"), check_embedding_distances,
                                       draw_embedding_distances),
     "gradcam": FigureKind(("training", "names", "poison", "victims"), check_gradcam, draw_gradcam),
+    "learning-curves": FigureKind(("names", "victims"), check_learning_curves, draw_learning_curves),
 }

@@ -1,5 +1,6 @@
 """victim stage: train on a poisoned store → ``model.pt`` (+ its ``model.json`` sidecar) and
-``metrics.json`` (acc, asr, ra, pgd_acc), each with its provenance."""
+``metrics.json`` (acc, asr, ra, pgd_acc), each with its provenance; ``curves.csv`` when the
+evaluation asks for learning curves (:mod:`poisonflow.curves`)."""
 
 from __future__ import annotations
 
@@ -41,9 +42,15 @@ def run(args) -> None:
     device = torch_device()
     num_classes = len(clean.attrs["classes"])
     model = build_model(training["model"], num_classes, images.shape[1], seed=args.seed)
+    recorder = None
+    if evaluation.get("curves"):  # A-ABL Fig. 8: per-epoch accuracy of benign and poisoned samples
+        from ..curves import CurveRecorder
+
+        recorder = CurveRecorder(out / "curves.csv", images, labels, poisoned["train/poisoned"],
+                                 evaluation["curves"], args.seed, device)
     started = time.perf_counter()
     train_model(model, images, labels, training, seed=args.seed, device=device,
-                checkpoint=out / "checkpoint.pt", history=out / "history.csv", desc="victim")
+                checkpoint=out / "checkpoint.pt", history=out / "history.csv", desc="victim", on_epoch=recorder)
     train_seconds = time.perf_counter() - started
     metrics = evaluate_store_model(model, clean, poisoned, evaluation, device)
     provenance = record("victim", entry=training, seed=args.seed, inputs=[args.clean, args.poison],
