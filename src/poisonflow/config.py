@@ -374,8 +374,6 @@ class Config:
                                    ("defense", "defenses")):
                 self._check_names(section, experiment[field], f"experiments[{i}].{field}")
             self._check_names("robustness", experiment["robustness"], f"experiments[{i}].robustness")
-        for name, entry in self.data["robustness"].items():
-            check_robustness(entry, f"robustness.{name}")
         jobs = list(self.jobs())
         for dataset, attack in sorted({(j.dataset, j.attack) for j in jobs}):
             entry, described = self.data["attacks"][attack], self.describe(dataset)
@@ -491,21 +489,6 @@ def check_image_size(model: dict, model_name: str, user: str, described: dict, d
         raise ConfigError(f"{key}: {side} px is too large for model '{model_name}' ({what}, used by {user}): its "
                           f"first convolutions run at full resolution, meant for images up to "
                           f"{LARGEST_FULL_RESOLUTION_IMAGE} px ({fix})")
-
-
-def check_robustness(entry: dict, key: str) -> None:
-    """A robustness entry's levels and settings, checked by its distortion family or perturbation (a
-    folder entry needs its path; whether the folder exists is checked by the job)."""
-    from .distortions import check_entry  # numpy only: cheap enough for the workflow's parse
-    from .perturbations import PERTURBATIONS
-
-    if entry["kind"] == "folder":
-        if not entry.get("path"):
-            raise ConfigError(f"{key}.path: required for kind folder")
-    elif entry["kind"] in PERTURBATIONS:
-        PERTURBATIONS[entry["kind"]].check_entry(entry, key)
-    else:
-        check_entry(entry, key)
 
 
 def check_features(entry: dict, key: str) -> None:

@@ -39,7 +39,7 @@ def curve_samples(poisoned: np.ndarray, samples: int, seed: int) -> dict[str, np
 
 def accuracies(model, images: np.ndarray, labels: np.ndarray, eps: float, steps: int, device) -> tuple[float, float]:
     """(accuracy on the images, accuracy on their iFGSM examples) against ``labels``; NaN without images."""
-    from .perturbations import predictions_under
+    from .evaluate import predictions_under
 
     if not len(labels):
         return float("nan"), float("nan")

@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .adversarial import pgd
+from .adversarial import ifgsm, pgd
 from .trainer import autocast, images_to_tensor, switch, to_float
 
 # Host images sent to the device per copy: at most this many, and at most this many bytes
@@ -98,3 +98,19 @@ def evaluate_store_model(model, clean, poisoned, evaluation: dict, device, amp="
         poisoned["test/labels"] if asr_set else None,
         poisoned["test/true_labels"] if asr_set else None,
         device=device, pgd_spec=evaluation.get("pgd"), amp=amp)
+
+
+def predictions_under(model, images: np.ndarray, labels: np.ndarray, eps: float, steps: int, step: float | None,
+                      device, batch_size: int = 256) -> np.ndarray:
+    """Predictions on iFGSM examples of uint8 NHWC ``images`` that raise the cross entropy of
+    ``labels`` (ε and the step in [0, 1] units; no perturbation when ε or steps is 0)."""
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = to_float(images_to_tensor(images[start:start + batch_size], device))
+        if eps > 0 and steps > 0:
+            y = torch.as_tensor(np.asarray(labels[start:start + batch_size]), dtype=torch.long, device=device)
+            x = ifgsm(model, x, y, eps, steps, step)
+        with torch.no_grad():
+            out.append(model(x).argmax(1).cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)

@@ -15,15 +15,15 @@ image away from its true class (ACC under attack), a triggered image away from t
 (the ASR that survives: the trigger's adversarial robustness, A-ABL's Category A vs B). RA counts
 the triggered images the perturbation sends back to their true class. The model is in eval mode and
 the perturbed images are scored as floats (not rounded to uint8, which would undo a sub-grey-level
-budget).
+budget). This module holds the kinds, their levels and checks (light: the workflow reads them when
+it parses the config); the scoring is the robustness stage's, with
+:func:`poisonflow.evaluate.predictions_under`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable
-
-import numpy as np
 
 from .errors import ConfigError
 
@@ -70,43 +70,3 @@ PERTURBATIONS: dict[str, Perturbation] = {
     "ifgsm-steps": Perturbation("ifgsm-steps", "the number of iFGSM steps", (0, 1, 2, 5, 10, 20),
                                 {"eps": 2.0, "step": None}, _steps_budget, integer=True),
 }
-
-
-def predictions_under(model, images: np.ndarray, labels: np.ndarray, eps: float, steps: int, step: float | None,
-                      device, batch_size: int = 256) -> np.ndarray:
-    """Predictions on iFGSM examples of uint8 NHWC ``images`` that raise the cross entropy of
-    ``labels`` (ε and the step in [0, 1] units; no perturbation when ε or steps is 0)."""
-    import torch
-
-    from .adversarial import ifgsm
-    from .trainer import images_to_tensor, to_float
-
-    model.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = to_float(images_to_tensor(images[start:start + batch_size], device))
-        if eps > 0 and steps > 0:
-            y = torch.as_tensor(np.asarray(labels[start:start + batch_size]), dtype=torch.long, device=device)
-            x = ifgsm(model, x, y, eps, steps, step)
-        with torch.no_grad():
-            out.append(model(x).argmax(1).cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
-
-
-def perturbation_rows(model, entry: dict, key: str, clean_images, clean_labels, asr_images, asr_labels, asr_true,
-                      device) -> list[dict]:
-    """ACC, ASR and RA of ``model`` at each level of an ``ifgsm`` / ``ifgsm-steps`` entry, with the
-    predictions on the clean images (``predictions``) for the caller's other clean scores."""
-    kind = PERTURBATIONS[entry["kind"]]
-    settings = kind.check_entry(entry, key)
-    step = None if settings["step"] is None else float(settings["step"]) / 255.0
-    rows = []
-    for level in entry.get("levels") or kind.levels:
-        eps, steps = kind.budget(level, settings)
-        predicted = predictions_under(model, clean_images, clean_labels, eps, steps, step, device)
-        row = {"level": level, "acc": float(np.mean(predicted == clean_labels)), "predictions": predicted}
-        if len(asr_labels):
-            predicted = predictions_under(model, asr_images, asr_labels, eps, steps, step, device)
-            row.update(asr=float(np.mean(predicted == asr_labels)), ra=float(np.mean(predicted == asr_true)))
-        rows.append(row)
-    return rows

@@ -103,8 +103,10 @@ class Plan:
                 read_yaml(path)
         cfg = Config(config, describe_cache=describe_cache())
         from .stages.figures import check_figures  # no torch at import; its checks need the described datasets
+        from .stages.robustness import check_entries as check_robustness
 
         check_figures(cfg.data, cfg.describe)
+        check_robustness(cfg.data)
         unknown = sorted(set(cfg.data["workflow"]["resources"]) - set(RULE_STAGES))
         if unknown:
             raise ConfigError(f"workflow.resources.{unknown[0]}: no rule of that name "

@@ -184,9 +184,14 @@ def test_config_errors_name_the_robustness_key(tiny_config, load_config):
     tiny_config["experiments"][0]["robustness"] = ["missing"]
     with pytest.raises(ConfigError, match=r"experiments\[0\]\.robustness: no robustness entry named 'missing'"):
         load_config(tiny_config)
+    from poisonflow.stages.robustness import check_entries  # run by the workflow when it parses the config
+
     tiny_config["robustness"] = {"missing": {"kind": "blur", "levels": [1, 4]}}
     with pytest.raises(ConfigError, match=r"robustness\.missing\.levels"):
-        load_config(tiny_config)
+        check_entries(load_config(tiny_config).data)
     tiny_config["robustness"] = {"missing": {"kind": "folder"}}
     with pytest.raises(ConfigError, match=r"robustness\.missing\.path"):
-        load_config(tiny_config)
+        check_entries(load_config(tiny_config).data)
+    tiny_config["robustness"] = {"missing": {"kind": "ifgsm-steps", "levels": [2.5]}}
+    with pytest.raises(ConfigError, match=r"robustness\.missing\.levels\[0\]"):
+        check_entries(load_config(tiny_config).data)

@@ -263,7 +263,7 @@ def test_killed_workflow_resumes_training_on_rerun(tmp_path):
     from workflow_utils import environment
 
     config = copy.deepcopy(TINY)
-    config["trainings"]["fast"]["epochs"] = 20
+    config["trainings"]["fast"]["epochs"] = 12
     config["experiments"] = [{"dataset": ["digits"], "attack": ["badnets"], "training": ["fast"],
                               "defense": ["none"], "seed": [0]}]
     write_config(tmp_path, config)

@@ -102,12 +102,43 @@ def distortion_rows(model, entry: dict, key: str, data: Evaluation) -> list[dict
 
 
 def perturbation_rows(model, entry: dict, key: str, data: Evaluation) -> list[dict]:
-    """ACC, ASR and RA under the model-dependent perturbations (:mod:`poisonflow.perturbations`)."""
-    from .. import perturbations
+    """ACC, ASR, RA and the target rate of ``model`` at each level of an ``ifgsm`` / ``ifgsm-steps``
+    entry (:mod:`poisonflow.perturbations`)."""
+    from ..evaluate import predictions_under
+    from ..perturbations import PERTURBATIONS
 
-    rows = perturbations.perturbation_rows(model, entry, key, data.clean_images, data.clean_labels,
-                                           data.asr_images, data.asr_labels, data.asr_true, data.device)
-    return [{**row, **clean_scores(row.pop("predictions"), data)} for row in rows]
+    kind = PERTURBATIONS[entry["kind"]]
+    settings = kind.check_entry(entry, key)
+    step = None if settings["step"] is None else float(settings["step"]) / 255.0
+    rows = []
+    for level in entry.get("levels") or kind.levels:
+        eps, steps = kind.budget(level, settings)
+        predicted = predictions_under(model, data.clean_images, data.clean_labels, eps, steps, step, data.device)
+        row = {"level": level, **clean_scores(predicted, data)}
+        if len(data.asr_labels):
+            predicted = predictions_under(model, data.asr_images, data.asr_labels, eps, steps, step, data.device)
+            row.update(asr=float(np.mean(predicted == data.asr_labels)), ra=float(np.mean(predicted == data.asr_true)))
+        rows.append(row)
+    return rows
+
+
+def check_entries(config: dict) -> None:
+    """Every robustness entry's levels and settings, checked by its distortion family or perturbation
+    (a folder entry needs its path; whether the folder exists is checked by its job). Run when the
+    workflow is parsed; ConfigError naming ``robustness.<name>...``."""
+    from .. import distortions
+    from ..errors import ConfigError
+    from ..perturbations import PERTURBATIONS
+
+    for name, entry in config.get("robustness", {}).items():
+        key = f"robustness.{name}"
+        if entry["kind"] == "folder":
+            if not entry.get("path"):
+                raise ConfigError(f"{key}.path: required for kind folder")
+        elif entry["kind"] in PERTURBATIONS:
+            PERTURBATIONS[entry["kind"]].check_entry(entry, key)
+        else:
+            distortions.check_entry(entry, key)
 
 
 def folder_rows(model, entry: dict, key: str, data: Evaluation) -> list[dict]:
