@@ -204,3 +204,16 @@ def silent_server():
     yield f"http://127.0.0.1:{server.getsockname()[1]}/"
     socket.setdefaulttimeout(None)
     server.close()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread, as a job runs by default (two threads on two busy cores make small models
+    and pipelines many times slower); the count is restored afterwards. Modules that want it use
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

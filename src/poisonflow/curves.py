@@ -80,12 +80,6 @@ def read_curves(path: Path) -> list[dict]:
 
 
 def write_curves(path: Path, rows: list[dict]) -> None:
-    from .checkpoint import atomic_write
+    from .trainer import write_history
 
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-
-    atomic_write(Path(path), write)
+    write_history(Path(path), rows, COLUMNS)

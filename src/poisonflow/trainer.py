@@ -444,11 +444,12 @@ def checkpoint_state(epoch: int, model, state: LoopState) -> dict:
     }
 
 
-def write_history(path: Path, rows: list[dict]) -> None:
-    """The per-epoch history as CSV (an empty accuracy where the model has no classes)."""
+def write_history(path: Path, rows: list[dict], columns: tuple[str, ...] = HISTORY_COLUMNS) -> None:
+    """A per-epoch history as CSV, written atomically (an empty accuracy where the model has no
+    classes); ``columns``: the trainer's, or another per-epoch record's (learning curves)."""
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, HISTORY_COLUMNS)
+            writer = csv.DictWriter(handle, columns)
             writer.writeheader()
             writer.writerows(rows)
     checkpoints.atomic_write(path, write)

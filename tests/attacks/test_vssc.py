@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
+from clip_utils import save_tiny_clip
 import torch
 
 from poisonflow.attacks import PoisonContext, vssc
@@ -101,9 +102,6 @@ def test_composite_shapes_colours_and_user_objects(tmp_path):
 
 # -- quality checks ---------------------------------------------------------------------------------
 
-TINY_CLIP = {"embed_dim": 16,
-             "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
-             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
 TINY_NAME = "poisonflow-test-vssc-rn"
 CLIP_KEY = "attacks.v.trigger.quality.clip"
 
@@ -111,14 +109,7 @@ CLIP_KEY = "attacks.v.trigger.quality.clip"
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """A tiny ResNet CLIP registered with open_clip, its seeded random weights saved to a file."""
-    open_clip = pytest.importorskip("open_clip")
-    folder = tmp_path_factory.mktemp("clip")
-    (folder / f"{TINY_NAME}.json").write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(folder / f"{TINY_NAME}.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model(TINY_NAME).eval()
-    torch.save(model.state_dict(), folder / "tiny.pt")
-    return model, folder / "tiny.pt"
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"), TINY_NAME)
 
 
 def red_images(fractions, size: int = 10) -> np.ndarray:

@@ -14,15 +14,7 @@ KEY = "attacks.vssc.trigger.insertion.diffusion"
 TINY = {"steps": 2, "resolution": 32}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread (two threads on two busy cores make the pipelines many times slower)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

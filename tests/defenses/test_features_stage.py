@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import pytest
+from clip_utils import save_tiny_clip
 import torch
 from torchvision.transforms.v2 import functional as TF
 
@@ -24,13 +25,7 @@ TINY_MODEL = {"arch": "convnet", "width": 4}
 TINY_SPEC = {"model": TINY_MODEL, "epochs": 2, "batch_size": 16}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread, as a job runs by default (two threads on two busy cores are many times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- NT-Xent ---------------------------------------------------------------------------------
@@ -245,23 +240,13 @@ def test_stage_refuses_a_bad_entry_in_one_line(poisoned_store, tmp_path, capsys)
 
 # -- CLIP ------------------------------------------------------------------------------------
 
-TINY_CLIP = {"embed_dim": 16,
-             "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
-             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
 TINY_CLIP_NAME = "poisonflow-test-features-rn"
 
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """A tiny ResNet CLIP built from a config registered with open_clip; its state dict saved."""
-    open_clip = pytest.importorskip("open_clip")
-    folder = tmp_path_factory.mktemp("clip")
-    (folder / f"{TINY_CLIP_NAME}.json").write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(folder / f"{TINY_CLIP_NAME}.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model(TINY_CLIP_NAME).eval()
-    torch.save(model.state_dict(), folder / "tiny.pt")
-    return model, folder / "tiny.pt"
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"), TINY_CLIP_NAME)
 
 
 def test_clip_extractor_embeds_with_local_weights(tiny_clip, poisoned_store, tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from clip_utils import TINY_CLIP, save_tiny_clip
 import torch
 import torch.nn.functional as F
 
@@ -245,24 +246,13 @@ def test_result_does_not_depend_on_chunk_mates_or_position():
 
 # --- the CLIP surrogate ---------------------------------------------------------------------
 
-TINY_CLIP = {"embed_dim": 16,
-             "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
-             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
 TINY_NAME = "poisonflow-test-tiny-rn"
 
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """A tiny ResNet CLIP registered with open_clip, with seeded random weights saved to a file."""
-    open_clip = pytest.importorskip("open_clip")
-    folder = tmp_path_factory.mktemp("clip")
-    (folder / f"{TINY_NAME}.json").write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(folder / f"{TINY_NAME}.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model(TINY_NAME).eval()
-    checkpoint = folder / "tiny.pt"
-    torch.save(model.state_dict(), checkpoint)
-    return model, checkpoint
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"), TINY_NAME)
 
 
 def test_clip_zero_shot_logits_from_a_checkpoint(tiny_clip):

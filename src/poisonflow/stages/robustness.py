@@ -79,6 +79,11 @@ def clean_scores(predictions: np.ndarray, data: Evaluation) -> dict:
     return scores
 
 
+def trigger_scores(predictions: np.ndarray, data: Evaluation) -> dict:
+    """``asr`` and ``ra`` of predictions on the (distorted or perturbed) ASR set."""
+    return {"asr": float(np.mean(predictions == data.asr_labels)), "ra": float(np.mean(predictions == data.asr_true))}
+
+
 def distortion_rows(model, entry: dict, key: str, data: Evaluation) -> list[dict]:
     """ACC, ASR and RA of ``model`` at each level of a distortion entry (:mod:`poisonflow.distortions`)."""
     from .. import distortions
@@ -95,8 +100,7 @@ def distortion_rows(model, entry: dict, key: str, data: Evaluation) -> list[dict
         if len(data.asr_labels):
             distorted = family.apply(data.asr_images, level, entry.get("settings"), asr_rng, key=key)
             predictions = predict(model, distorted, data.device, amp=data.amp)
-            row.update(asr=float(np.mean(predictions == data.asr_labels)),
-                       ra=float(np.mean(predictions == data.asr_true)))
+            row.update(trigger_scores(predictions, data))
         rows.append(row)
     return rows
 
@@ -117,7 +121,7 @@ def perturbation_rows(model, entry: dict, key: str, data: Evaluation) -> list[di
         row = {"level": level, **clean_scores(predicted, data)}
         if len(data.asr_labels):
             predicted = predictions_under(model, data.asr_images, data.asr_labels, eps, steps, step, data.device)
-            row.update(asr=float(np.mean(predicted == data.asr_labels)), ra=float(np.mean(predicted == data.asr_true)))
+            row.update(trigger_scores(predicted, data))
         rows.append(row)
     return rows
 
