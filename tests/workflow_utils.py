@@ -38,8 +38,8 @@ def planned_jobs(workdir: Path, *targets: str) -> set[tuple]:
     would execute, ``all`` excluded."""
     result = snakemake(workdir, "--dry-run", *targets)
     text = result.stdout + result.stderr
-    jobs = set()
-    for block in re.split(r"\n(?=(?:local)?rule \S+:)", text):
+    jobs = set()  # a grouped run (workflow.group_small_jobs) prints its jobs indented
+    for block in re.split(r"\n(?=[ \t]*(?:local)?rule \S+:)", text):
         match = re.match(r"(?:local)?rule (\S+):", block.strip())
         if not match or match.group(1) == "all":
             continue

@@ -309,29 +309,58 @@ def tsne_panels(panels: dict, path: str | os.PathLike, class_names: list[str] | 
     return save_figure(fig, path)
 
 
+def _score_panel(ax, name: str, values, poisoned: np.ndarray, threshold: float | None) -> None:
+    """One score's histogram, clean and poisoned samples apart, on a log count axis."""
+    values = np.asarray(values, dtype=np.float64)
+    edges = np.histogram_bin_edges(values, bins=40)
+    ax.hist(values[~poisoned], bins=edges, color="tab:blue", alpha=0.65, label=f"clean ({int((~poisoned).sum())})")
+    if poisoned.any():
+        ax.hist(values[poisoned], bins=edges, color="tab:red", alpha=0.75, label=f"poisoned ({int(poisoned.sum())})")
+    if threshold is not None:
+        ax.axvline(threshold, color="black", linestyle="--", linewidth=1.2, label=f"threshold {threshold:.2f}")
+    ax.set_yscale("log")
+    ax.set_xlabel(name)
+    ax.set_ylabel("# training samples")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+
+
 def score_distributions(scores: dict, poisoned: np.ndarray, path: str | os.PathLike,
                         thresholds: dict | None = None, title: str = "") -> Path:
     """One histogram panel per named per-sample score (e.g. SCE before and after a perturbation),
     clean and poisoned training samples in separate colours (counts on a log axis: the poisons are
-    few), each threshold of ``thresholds`` drawn as a dashed line on its panel."""
+    few), each threshold of ``thresholds`` drawn as a dashed line on its panel; two panels a row
+    when there are more than two (before / after pairs)."""
     plt = _pyplot()
     poisoned = np.asarray(poisoned, dtype=bool)
     thresholds = thresholds or {}
-    fig, axes = plt.subplots(1, len(scores), figsize=(4.2 * len(scores), 3.2), squeeze=False)
-    for ax, (name, values) in zip(axes[0], scores.items()):
-        values = np.asarray(values, dtype=np.float64)
-        edges = np.histogram_bin_edges(values, bins=40)
-        ax.hist(values[~poisoned], bins=edges, color="tab:blue", alpha=0.65, label=f"clean ({int((~poisoned).sum())})")
-        if poisoned.any():
-            ax.hist(values[poisoned], bins=edges, color="tab:red", alpha=0.75, label=f"poisoned ({int(poisoned.sum())})")
-        if name in thresholds:
-            ax.axvline(thresholds[name], color="black", linestyle="--", linewidth=1.2,
-                       label=f"threshold {thresholds[name]:.2f}")
-        ax.set_yscale("log")
-        ax.set_xlabel(name)
-        ax.set_ylabel("# training samples")
-        ax.legend(fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
+    columns = len(scores) if len(scores) <= 2 else 2
+    rows = -(-len(scores) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(scores):]:
+        ax.set_visible(False)
+    for ax, (name, values) in zip(axes.flat, scores.items()):
+        _score_panel(ax, name, values, poisoned, thresholds.get(name))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def score_grid(rows: dict, path: str | os.PathLike, title: str = "") -> Path:
+    """``rows``: row label (an attack) → (scores: name → per-sample values, poisoned flags,
+    thresholds: name → value). One row per label, one panel per score, as :func:`score_distributions`
+    draws them (A-ABL Figs. 4, 9 and 11: clean vs poisoned SCE before and after iFGSM, per attack)."""
+    plt = _pyplot()
+    columns = max(len(scores) for scores, _, _ in rows.values())
+    fig, axes = plt.subplots(len(rows), columns, figsize=(4.2 * columns, 3.0 * len(rows)), squeeze=False)
+    for axes_row, (label, (scores, poisoned, thresholds)) in zip(axes, rows.items()):
+        poisoned = np.asarray(poisoned, dtype=bool)
+        for ax in axes_row[len(scores):]:
+            ax.set_visible(False)
+        for ax, (name, values) in zip(axes_row, scores.items()):
+            _score_panel(ax, name, values, poisoned, thresholds.get(name))
+            ax.set_title(label, fontsize=10)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

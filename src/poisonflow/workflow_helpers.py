@@ -43,7 +43,7 @@ RULE_STAGES = {"data": "data", "surrogate": "surrogate", "scores": "scores", "tr
                "split": "split", "robustness": "robustness",
                "defense": "defense", "aggregate": "aggregate", "figure_forgetting": "figures",
                "figure_tsne": "figures", "figure_embedding": "figures", "figure_gradcam": "figures",
-               "figure_curves": "figures"}
+               "figure_curves": "figures", "figure_scores": "figures"}
 GPU_RULES = ("surrogate", "scores", "trigger", "poison", "features", "features_clip", "victim", "split", "defense",
              "robustness", "figure_tsne", "figure_embedding", "figure_gradcam")
 
@@ -61,14 +61,14 @@ MEMORY = {  # rule: (BASE, FACTOR)
     "poison": (1536, 4), "features": (1536, 4), "features_clip": (2560, 4), "victim": (1536, 4),
     "split": (1536, 6), "defense": (1536, 6), "robustness": (1536, 4), "aggregate": (512, 0),
     "figure_forgetting": (768, 1), "figure_tsne": (1536, 4), "figure_embedding": (1536, 4),
-    "figure_gradcam": (1536, 4), "figure_curves": (768, 0),
+    "figure_gradcam": (1536, 4), "figure_curves": (768, 0), "figure_scores": (768, 0),
 }
 GPU_HOST_MEMORY = 1024  # not measured here (no GPU on the machine); a retry asks 1.5× more
 # Declared run times (minutes; a cluster's time limit), unchanged from the paper-scale presets.
 RUNTIME = {"data": 240, "surrogate": 720, "scores": 240, "trigger": 720, "poison": 240, "features": 1440, "split": 1440,
            "features_clip": 240, "victim": 1440, "defense": 2880, "aggregate": 60, "figure_forgetting": 60,
            "figure_tsne": 240, "figure_embedding": 240, "robustness": 240, "figure_gradcam": 60,
-           "figure_curves": 60}
+           "figure_curves": 60, "figure_scores": 60}
 # Jobs per group when the config asks for grouping with `workflow: {group_small_jobs: true}`.
 DEFAULT_GROUP_SIZE = 20
 
@@ -342,6 +342,10 @@ class Plan:
             return {"victims": self.tsne_inputs(wildcards)["victims"]}
         return {"victims": [f"{self.results}/defenses/{entry['dataset']}/{a}/{entry['training']}/seed{entry['seed']}"
                             f"/{entry['defense']}/model.pt" for a in entry["attacks"]]}
+
+    def scores_inputs(self, wildcards) -> dict:
+        """The models of a sample-scores figure's defense, one per attack (scores.npz is beside each)."""
+        return self.curves_inputs(wildcards)
 
     def figure_robustness(self, wildcards) -> str:
         """The robustness entries a figure's ``distortions`` name (JSON), for ``--robustness``."""

@@ -215,6 +215,20 @@ def test_aabl_runs_end_to_end_and_resumes_from_its_checkpoints(tmp_path):
     assert (after >= before - 1e-5).mean() > 0.95
     np.testing.assert_array_equal(result.kept, after > result.thresholds["SCE after iFGSM"])
 
+    # Fig. 11: the whole set's SCE under the final (stage-3) model, before and after the same iFGSM
+    final_before = result.sample_scores["final model: SCE before iFGSM"]
+    final_after = result.sample_scores["final model: SCE after iFGSM"]
+    result.model.eval()
+    with torch.no_grad():
+        direct = symmetric_cross_entropy(result.model(to_float(images_to_tensor(ctx.train_images))),
+                                         torch.as_tensor(ctx.train_labels), 0.1, 1.0).double().numpy()
+    np.testing.assert_allclose(final_before, direct, rtol=1e-5, atol=1e-6)
+    assert final_after.shape == (120,) and (final_after >= final_before - 1e-5).mean() > 0.95
+    assert not np.allclose(final_before, before)  # another model than stage 1's
+    assert set(result.thresholds) == {"SCE after iFGSM"}  # the Otsu line belongs to the split alone
+    without = aabl.run({**AABL_SPEC, "final_scores": False}, ctx)
+    assert set(without.sample_scores) == {"SCE before iFGSM", "SCE after iFGSM"}
+
     # a rerun loads both stages and the split instead of recomputing them
     again = aabl.run(AABL_SPEC, ctx)
     np.testing.assert_array_equal(again.kept, result.kept)
@@ -344,7 +358,8 @@ def test_the_defense_stage_stores_and_plots_a_splits_scores(tmp_path):
                            thresholds={"after": 2.0})
     write_sample_scores(tmp_path, result, poisoned, "aabl, seed 0")
     stored = np.load(tmp_path / "scores.npz")
-    assert sorted(stored.files) == ["after", "before", "kept", "poisoned"]
+    assert sorted(stored.files) == ["after", "before", "kept", "poisoned", "threshold: after"]
+    assert float(stored["threshold: after"]) == 2.0
     np.testing.assert_array_equal(stored["after"], after)
     np.testing.assert_array_equal(stored["kept"], ~poisoned)
     np.testing.assert_array_equal(stored["poisoned"], poisoned)

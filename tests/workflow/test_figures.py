@@ -202,6 +202,60 @@ def test_tsne_job_draws_one_panel_per_victim(tmp_path, tiny_store):
                  str(tmp_path / "model.pt"), "--out", str(tmp_path / "u.png")]) == 2
 
 
+def write_scores(folder: Path, seed: int, names=("SCE before iFGSM", "SCE after iFGSM")) -> np.ndarray:
+    """A defense folder with model.pt (empty: the figure reads only what lies beside it) and scores.npz."""
+    from poisonflow.defenses import DefenseResult
+    from poisonflow.stages.defense import write_sample_scores
+
+    folder.mkdir(parents=True)
+    (folder / "model.pt").write_bytes(b"")
+    rng = np.random.default_rng(seed)
+    poisoned = rng.random(60) < 0.1
+    scores = {name: rng.random(60) + i for i, name in enumerate(names)}
+    write_sample_scores(folder, DefenseResult(model=None, sample_scores=scores, thresholds={names[-1]: 1.5}),
+                        poisoned, "x")
+    return poisoned
+
+
+def test_sample_scores_job_draws_a_row_per_attack_with_its_thresholds(tmp_path, monkeypatch):
+    from poisonflow.figures import score_grid
+
+    names = ("SCE before iFGSM", "SCE after iFGSM", "final model: SCE before iFGSM", "final model: SCE after iFGSM")
+    flags = [write_scores(tmp_path / attack, seed, names) for seed, attack in enumerate(("a", "b"))]
+    drawn = {}
+    monkeypatch.setattr("poisonflow.figures.score_grid",
+                        lambda rows, out, title: drawn.update(rows) or score_grid(rows, out, title))
+    spec = {"kind": "sample-scores", "dataset": "d", "training": "t", "attacks": ["a", "b"], "defense": "A",
+            "seed": 0, "scores": ["final model: SCE before iFGSM", "SCE after iFGSM"]}
+    args = ["figures", "--spec", json.dumps(spec), "--names", "a", "b",
+            "--victims", str(tmp_path / "a" / "model.pt"), str(tmp_path / "b" / "model.pt")]
+    assert main(args + ["--out", str(tmp_path / "s.png")]) == 0 and is_png(tmp_path / "s.png")
+    assert list(drawn) == ["a", "b"]
+    scores, poisoned, thresholds = drawn["b"]
+    assert list(scores) == ["final model: SCE before iFGSM", "SCE after iFGSM"]  # in the entry's order
+    np.testing.assert_array_equal(poisoned, flags[1])
+    assert thresholds == {"final model: SCE after iFGSM": 1.5}
+    # all scores when none are named; a name the defense did not store is a one-line error
+    assert main(["figures", "--spec", json.dumps({**spec, "scores": None})] + args[3:] + ["--out", str(tmp_path / "t.png")]) == 0
+    assert list(drawn["a"][0]) == list(names)
+    assert main(["figures", "--spec", json.dumps({**spec, "scores": ["CE"]})] + args[3:] + ["--out", str(tmp_path / "u.png")]) == 2
+
+
+def test_score_grid_and_distributions_lay_panels_out(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    poisoned = rng.random(50) < 0.2
+    two = {"before": rng.random(50), "after": rng.random(50)}
+    four = {**two, "final before": rng.random(50), "final after": rng.random(50)}
+    size = {n: Image.open(figures.score_distributions(s, poisoned, tmp_path / f"{n}.png", {"after": 0.5})).size
+            for n, s in (("two", two), ("four", four))}
+    assert size["four"][0] == size["two"][0] and size["four"][1] > 1.8 * size["two"][1]  # before/after pairs in rows
+    grid = Image.open(figures.score_grid({"BadNets": (four, poisoned, {}), "Blend": (two, poisoned, {})},
+                                         tmp_path / "grid.png")).size
+    assert grid[0] > 1.8 * size["two"][0] and grid[1] > 1.5 * size["two"][1]
+
+
 # --------------------------------------------------------------------------------------------
 # report views of the aggregate stage
 # --------------------------------------------------------------------------------------------

@@ -86,12 +86,17 @@ EXPECTED = {
     # + Figure 7 (Adv-Train on the 18 rate sets), Figure 6 (7 attacks × 4 ε)
     "aabl-cifar10.yaml": {"victim": 8 + 24 + 18, "poison": 8 + 18, "defense": 8 * 7 + 7 * 3 + 24 + 18 + 18 + 7 * 4,
                           "split": 8 + 24 + 18 + 8 + 2 * 7, "features": 8, "surrogate": 2, "trigger": 3,
-                          "robustness": 8 * 2, "figure_curves": 2},  # Figures 3, 5 (naive victims), 8, 10
+                          "robustness": 8 * 2, "figure_curves": 2,  # Figures 3, 5 (naive victims), 8, 10
+                          "figure_scores": 2},  # Figures 4 (and 9), 11
     # Tables 1-3 on GTSRB and Tiny-ImageNet: 8 attacks × 7 defense jobs each; splits of A-ABL and D-ST;
     # LC's surrogate and Trojan's per dataset; the three generators per dataset
     "aabl-gtsrb-tinyimagenet.yaml": {"victim": 2 * 8, "poison": 2 * 8, "defense": 2 * 8 * 7, "split": 2 * 8 * 2,
                                      "features": 2 * 8, "surrogate": 2 * 2, "trigger": 2 * 3},
     # the default's former third and fourth experiments: 4 selections + 4 unlearnable/clean sets, 3 seeds
+    # A-ABL's baselines on digits: 3 attacks × 3 seeds × 6 defenses (the victims and the features
+    # of blended and badnets are config.yaml's, planned here too); splits of A-ABL and D-ST
+    "aabl-digits.yaml": {"victim": 9, "poison": 9, "defense": 9 * 6, "split": 9 * 2, "features": 9,
+                         "figure_scores": 2},
     "digits-hard-sample.yaml": {"victim": 24, "poison": 24, "surrogate": 1, "scores": 1},
     "digits-32px.yaml": {"victim": 30, "poison": 30, "defense": 12, "split": 6, "surrogate": 1, "scores": 1},
 }

@@ -44,6 +44,10 @@ TINY = {
     "experiments": [{"dataset": ["digits"], "attack": ["badnets", "blended", "hard"], "training": ["fast"],
                      "defense": ["none", "fp", "aabl"], "seed": [0], "robustness": ["blur"]}],
 }
+# The module's run (and every edit's dry run) groups small jobs into the warm process, as the default
+# config does: about a minute less than a process per job; test_cold_processes_give_the_same_results
+# runs part of it job by job.
+GROUPED = {**TINY, "workflow": {"group_small_jobs": True}}
 ATTACKS = ["badnets", "blended", "hard"]
 DEFENSES = ["none", "fp", "aabl"]
 
@@ -69,12 +73,21 @@ def defense_jobs(attacks, defenses):
                for a in attacks for d in defenses if d in SPLITTING})
 
 
+WARM_SOCKETS = {}  # the module run's socket folder, checked by the warm-process test
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
+    import tempfile
+    from unittest import mock
+
     path = tmp_path_factory.mktemp("workflow")
-    write_config(path, TINY)
-    snakemake(path)
-    return path
+    write_config(path, GROUPED)
+    sockets = WARM_SOCKETS["dir"] = tempfile.mkdtemp(prefix="pfw", dir="/tmp")  # short: a Unix socket's path
+    with mock.patch.dict(os.environ, {"XDG_RUNTIME_DIR": sockets, "POISONFLOW_WARM_IDLE": "60"}):
+        snakemake(path)
+    yield path
+    shutil.rmtree(sockets, ignore_errors=True)
 
 
 @pytest.fixture
@@ -83,7 +96,7 @@ def edit(workdir):
     original = (workdir / "config.yaml").read_text()
 
     def apply(change):
-        config = copy.deepcopy(TINY)
+        config = copy.deepcopy(GROUPED)
         change(config)
         write_config(workdir, config)
 
@@ -334,25 +347,21 @@ def test_gpu_jobs_never_outnumber_the_gpus(tmp_path, short_tmp):
     assert waiting == []
 
 
-def test_small_jobs_in_the_warm_process_give_the_same_results(workdir, tmp_path, short_tmp):
-    """`group_small_jobs` runs every job in a fork of one process that imported torch once: same
-    outputs, logs and caching as separate processes."""
-    config = copy.deepcopy(TINY)
+def test_cold_processes_give_the_same_results(workdir, tmp_path):
+    """`group_small_jobs` (the module's run) runs every job in a fork of one process that imported
+    torch once: the same outputs, logs and caching as a process per job (this run)."""
+    from pathlib import Path
+
+    config = copy.deepcopy(TINY)  # no workflow.group_small_jobs
     config["experiments"] = [{"dataset": ["digits"], "attack": ["badnets"], "training": ["fast"],
                               "defense": ["none", "fp"], "seed": [0]}]
-    config["workflow"] = {"group_small_jobs": True}
     write_config(tmp_path, config)
-    env = {**environment(), "XDG_RUNTIME_DIR": str(short_tmp), "POISONFLOW_WARM_IDLE": "60"}
-    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--cores", "2"]
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    snakemake(tmp_path)
     for path in ("victims/digits/badnets/fast/seed0/metrics.json", "defenses/digits/badnets/fast/seed0/fp/metrics.json"):
-        warm = json.loads((tmp_path / "results" / path).read_text())
-        cold = json.loads((workdir / "results" / path).read_text())
+        cold = json.loads((tmp_path / "results" / path).read_text())
+        warm = json.loads((workdir / "results" / path).read_text())
         for key in ("acc", "asr", "ra", "pgd_acc"):
             assert warm[key] == pytest.approx(cold[key]), (path, key)
     assert "results/victims/digits/badnets/fast/seed0: acc=" in (
-        tmp_path / "results/logs/victim/digits/badnets/fast/seed0.log").read_text()
-    assert list(short_tmp.glob("poisonflow-warm-*.sock")) == []  # stopped at the end of the run
-    rerun = subprocess.run([*command, "--dry-run"], capture_output=True, text=True, env=env)
-    assert "Nothing to be done" in rerun.stdout + rerun.stderr
+        workdir / "results/logs/victim/digits/badnets/fast/seed0.log").read_text()
+    assert list(Path(WARM_SOCKETS["dir"]).glob("poisonflow-warm-*.sock")) == []  # stopped at the end of the run

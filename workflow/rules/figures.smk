@@ -136,3 +136,28 @@ rule figure_curves:
     shell:
         "{params.run} figures --spec {params.spec:q} --names {params.names:q} --victims {input.victims:q}"
         " --out {output:q} > {log:q} 2>&1"
+
+
+rule figure_scores:
+    conda:
+        "../envs/poisonflow.yaml"
+    input:
+        unpack(PLAN.scores_inputs),
+    output:
+        report(f"{RESULTS}/figures/sample-scores/{{figure}}.png", caption="../report/scores.rst",
+               category="Figures", subcategory="per-sample scores", labels={"figure": "{figure}"}),
+    log:
+        PLAN.log("figure_scores", "{figure}"),
+    wildcard_constraints:
+        figure=PLAN.figure_wildcard("sample-scores"),
+    params:
+        run=POISONFLOW,
+        spec=PLAN.figure_spec,
+        names=PLAN.figure_attacks,
+        code=PLAN.code("figures"),
+    resources:
+        mem_mb=PLAN.mem_mb("figure_scores"),
+        runtime=PLAN.runtime("figure_scores"),
+    shell:
+        "{params.run} figures --spec {params.spec:q} --names {params.names:q} --victims {input.victims:q}"
+        " --out {output:q} > {log:q} 2>&1"

@@ -23,7 +23,9 @@ job resumes where it stopped. The defense never sees which samples are poisoned.
 Spec keys (defaults in ``aabl.yaml`` beside this module): ``stage1`` and ``stage3`` are overrides merged into the
 victim's training entry; ``split`` configures stage 2. The paper's stage-3 recipe (100 epochs,
 SGD lr 0.1, ×0.1 at epochs 50/75/90) belongs in a config preset; by default stage 3 inherits the
-victim's epochs and optimizer. ``stage3: {adversarial: null}`` trains naively on D_vul instead.
+victim's epochs and optimizer. ``stage3: {adversarial: null}`` trains naively on D_vul instead. ``final_scores`` (default true) adds
+the whole set's SCE under the final model, before and after the same perturbation, to the per-sample
+scores (the paper's Fig. 11; one more pass of the split's attack over the released set).
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ ATTACK_LOSSES: dict[str, Callable[[dict], Callable[[torch.Tensor, torch.Tensor],
     "sce": lambda split: lambda logits, y: symmetric_cross_entropy(
         logits, y, float(split["sce_alpha"]), float(split["sce_beta"]), reduction="sum"),
 }
+
+PERTURBATION_NAMES = {"ifgsm": "iFGSM", "randaugment": "RandAugment", "autoaugment": "AutoAugment"}
 
 
 @dataclass
@@ -153,12 +157,20 @@ def split(spec: dict, ctx: DefenseContext) -> SplitResult:
     resolved = settings_for(__name__, spec)
     stage1_model = naive_training(ctx, resolved["stage1"])
     result = cached_split(stage1_model, ctx, resolved["split"])
-    perturbation = {"ifgsm": "iFGSM", "randaugment": "RandAugment", "autoaugment": "AutoAugment"}[
-        resolved["split"]["perturbation"]]
+    perturbation = PERTURBATION_NAMES[resolved["split"]["perturbation"]]
     before, after = f"SCE before {perturbation}", f"SCE after {perturbation}"
     return SplitResult(kept=result.kept, sample_scores={before: result.clean_losses, after: result.losses},
                        thresholds={after: float(result.threshold)},
                        metrics={"gamma": float(result.kept.mean()), "threshold": float(result.threshold)})
+
+
+def final_scores(model: torch.nn.Module, ctx: DefenseContext, split: dict) -> dict[str, np.ndarray]:
+    """The whole released set's per-sample SCE under the final (stage-3) model, before and after the
+    split's perturbation (the paper's Fig. 11: "the final distribution of the entire poisoned dataset
+    D in the robust model after the adversarial training in Stage 3")."""
+    before, after = adversarial_sce(model, ctx.train_images, ctx.train_labels, split, ctx.device, ctx.training)
+    name = PERTURBATION_NAMES[split["perturbation"]]
+    return {f"final model: SCE before {name}": before, f"final model: SCE after {name}": after}
 
 
 def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
@@ -166,5 +178,8 @@ def run(spec: dict, ctx: DefenseContext) -> DefenseResult:
     resolved = settings_for(__name__, spec)
     vulnerable = ctx.split if ctx.split is not None else split(spec, ctx)
     model = adversarial_training(ctx, vulnerable.kept, resolved["stage3"])
+    scores = dict(vulnerable.sample_scores)
+    if resolved["final_scores"]:
+        scores.update(final_scores(model, ctx, resolved["split"]))
     return DefenseResult(model=model, metrics=dict(vulnerable.metrics), kept=vulnerable.kept,
-                         sample_scores=vulnerable.sample_scores, thresholds=vulnerable.thresholds)
+                         sample_scores=scores, thresholds=vulnerable.thresholds)

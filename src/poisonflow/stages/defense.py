@@ -78,10 +78,13 @@ def detection_metrics(truth: np.ndarray, scores: np.ndarray | None, flags: np.nd
     return out
 
 
+THRESHOLD_PREFIX = "threshold: "  # scores.npz: a threshold drawn on the score named after the prefix
+
+
 def write_sample_scores(out: Path, result, poisoned: np.ndarray, title: str) -> None:
     """A splitting defense's per-sample scores: ``scores.npz`` (each score under its name, the
-    samples kept, the ground-truth poison flags) and their distributions, clean vs poisoned, in
-    ``scores.png`` (and ``.pdf``)."""
+    samples kept, the ground-truth poison flags, each threshold as ``threshold: {score}``) and their
+    distributions, clean vs poisoned, in ``scores.png`` (and ``.pdf``)."""
     from ..checkpoint import atomic_write
     from ..figures import score_distributions
 
@@ -89,6 +92,9 @@ def write_sample_scores(out: Path, result, poisoned: np.ndarray, title: str) -> 
     if result.kept is not None:
         arrays["kept"] = np.asarray(result.kept, dtype=bool)
     arrays["poisoned"] = np.asarray(poisoned, dtype=bool)
+    for name, value in (result.thresholds or {}).items():
+        arrays[f"{THRESHOLD_PREFIX}{name}"] = np.float64(value)
+
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as handle:  # a file object: savez would append .npz to a path
             np.savez(handle, **arrays)

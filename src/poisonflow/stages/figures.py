@@ -17,7 +17,9 @@ The entry (``--spec``, validated, schema defaults filled) names its ``kind``; ea
 - ``gradcam`` reads the same as ``tsne``, and the robustness entries of its ``distortions``
   (``--robustness``); Grad-CAM of a few triggered test images per attack, plain and distorted;
 - ``learning-curves`` reads the ``curves.csv`` beside each victim ``model.pt`` (``--victims``,
-  ``--names``), written when ``evaluation.curves`` is set.
+  ``--names``), written when ``evaluation.curves`` is set;
+- ``sample-scores`` reads the ``scores.npz`` beside each of a splitting defense's ``model.pt``
+  (``--victims``: the defense's models, one per attack in ``--names``).
 
 The workflow imports this module to check the ``figures:`` entries (:func:`check_figures`), so
 torch and the store are imported inside the jobs.
@@ -46,7 +48,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--training", metavar="JSON", help="tsne, gradcam: the victims' resolved trainings entry (JSON)")
     parser.add_argument("--names", nargs="+", help="tsne, gradcam: attack names, one per panel")
     parser.add_argument("--poison", nargs="+", metavar="STORE", help="tsne, gradcam: poisoned stores, one per attack")
-    parser.add_argument("--victims", nargs="+", metavar="MODEL", help="tsne, gradcam: victim model.pt files, one per attack")
+    parser.add_argument("--victims", nargs="+", metavar="MODEL", help="tsne, gradcam, learning-curves: victim model.pt files, one per attack; "
+                             "sample-scores, learning-curves with a defense: the defense's model.pt files")
     parser.add_argument("--backbone", metavar="MODEL",
                         help="embedding-distances: the features entry's SimCLR backbone.pt (trained on the poisoned set)")
     parser.add_argument("--robustness", metavar="JSON",
@@ -310,6 +313,45 @@ def draw_learning_curves(entry: dict, args) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
+# sample-scores: a splitting defense's per-sample scores, clean vs poisoned, one row per attack
+# (A-ABL Figs. 4, 9, 11)
+# --------------------------------------------------------------------------------------------
+
+def check_sample_scores(config: dict, entry: dict, key: str, describe: Callable[[str], dict]) -> None:
+    check_tsne(config, entry, key, describe)
+    _check_name(config, "defenses", entry["defense"], f"{key}.defense")
+
+
+def read_sample_scores(path: Path, names: list[str] | None, key: str) -> tuple[dict, np.ndarray, dict]:
+    """The scores (all, or those ``names``), poison flags and thresholds of one ``scores.npz``."""
+    from .defense import THRESHOLD_PREFIX
+
+    if not path.exists():
+        raise ConfigError(f"{key}: {path} does not exist (the defense kind stores no per-sample scores)")
+    with np.load(path) as stored:
+        files = {name: stored[name] for name in stored.files}
+    thresholds = {name[len(THRESHOLD_PREFIX):]: float(value) for name, value in files.items()
+                  if name.startswith(THRESHOLD_PREFIX)}
+    available = [name for name in files if name not in ("kept", "poisoned") and not name.startswith(THRESHOLD_PREFIX)]
+    missing = [name for name in names or [] if name not in available]
+    if missing:
+        raise ConfigError(f"{key}.scores: {path} has no score {', '.join(map(repr, missing))} "
+                          f"(it has {', '.join(map(repr, available))})")
+    return {name: files[name] for name in names or available}, files["poisoned"], thresholds
+
+
+def draw_sample_scores(entry: dict, args) -> Path:
+    from ..figures import score_grid
+
+    rows = {}
+    labels = unique_labels(list(args.names), [attack_label(name) for name in args.names])
+    for label, weights in zip(labels, args.victims):
+        rows[label] = read_sample_scores(Path(weights).with_name("scores.npz"), entry.get("scores"), "--spec")
+    title = f"{entry['dataset']}, {entry['defense']}, seed {entry['seed']}"
+    return score_grid(rows, args.out, title)
+
+
+# --------------------------------------------------------------------------------------------
 # The kinds: one per value of the schema's figures.*.kind (its defaults live in the schema only)
 # --------------------------------------------------------------------------------------------
 
@@ -327,4 +369,5 @@ KINDS: dict[str, FigureKind] = {
                                       draw_embedding_distances),
     "gradcam": FigureKind(("training", "names", "poison", "victims"), check_gradcam, draw_gradcam),
     "learning-curves": FigureKind(("names", "victims"), check_learning_curves, draw_learning_curves),
+    "sample-scores": FigureKind(("names", "victims"), check_sample_scores, draw_sample_scores),
 }
