@@ -313,6 +313,7 @@ def test_workflow_with_an_adversarially_trained_surrogate_and_lc(tmp_path):
         "defenses": {"none": {"kind": "none"}},
         "experiments": [{"dataset": ["digits"], "attack": ["lc"], "training": ["fast"], "defense": ["none"],
                          "seed": [0]}],
+        "workflow": {"group_small_jobs": True},  # jobs in the warm process: no torch import each
     })
     snakemake(tmp_path)
     clean = read_store(tmp_path / "results/data/digits.zarr")

@@ -158,6 +158,14 @@ def test_split_keeps_the_vulnerable_and_removes_the_robust():
     np.testing.assert_array_equal(result.kept, np.isin(levels, vulnerable))
     assert expected[: len(robust)].max() < result.threshold < expected[len(robust):].min()
 
+    # max_kept caps γ: Otsu keeps 8 of 14; at most half (7) are kept, the 7 of highest SCE
+    capped = aabl.split_by_vulnerability(model, images, labels, {**split, "max_kept": 0.5})
+    assert capped.kept.sum() == 7 and (capped.kept <= result.kept).all()  # within the vulnerable 8
+    assert capped.losses[capped.kept].min() >= capped.losses[~capped.kept].max()
+    assert capped.threshold == pytest.approx(np.sort(expected)[::-1][7], rel=1e-4)  # the highest SCE left out
+    assert np.array_equal(aabl.split_by_vulnerability(model, images, labels, {**split, "max_kept": 0.6}).kept,
+                          result.kept)  # 8/14 < 0.6: Otsu's split stands
+
 
 def test_split_with_sce_attack_loss_agrees_on_a_linear_model():
     levels = [10, 30, 225, 245, 115, 125, 130, 140]

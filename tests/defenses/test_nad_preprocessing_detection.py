@@ -547,6 +547,7 @@ def test_defense_stage_scores_the_detectors_and_runs_every_kind(tmp_path):
         },
         "experiments": [{"dataset": ["digits"], "attack": ["badnets"], "training": ["fast"],
                          "defense": ["strip", "sentinet"], "seed": [0]}],
+        "workflow": {"group_small_jobs": True},  # jobs in the warm process: no torch import each
     }
     write_config(tmp_path, workflow)
     results = tmp_path / "results"

@@ -25,6 +25,7 @@ CONFIG = {
     "evaluation": {"pgd": None},
     "experiments": [{"dataset": ["digits"], "attack": ["trojan-10", "trojan-20"], "training": ["fast"],
                      "defense": ["none"], "seed": [0]}],
+    "workflow": {"group_small_jobs": True},  # jobs in the warm process: no torch import each
 }
 
 
