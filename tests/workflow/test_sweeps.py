@@ -163,6 +163,24 @@ def test_defense_layout_has_attack_rows_defense_columns_and_average_and_worst_ro
     assert table.loc["Average", "A nDER"] == "87.50" and table.loc["Worst Case", "A nDER"] == "80.00"
 
 
+def test_split_layout_is_table_1_attacks_by_dataset_gamma_and_rho():
+    from poisonflow.stages.aggregate import split_layouts
+
+    rows = [{"dataset": d, "attack": a, "training": t, "defense": "A", "metric": m, "mean": v, "std": s, "n": 2}
+            for d, t in (("cifar", "r18"), ("tiny", "r34"))
+            for a, m, v, s in (("b1", "gamma", 0.8234, 0.01), ("b1", "rho_vul", 0.0013, 0.0),
+                               ("clean", "gamma", 0.9, np.nan), ("clean", "rho_vul", 0.0, np.nan))]
+    rows += [{"dataset": "cifar", "attack": "b1", "training": "r18", "defense": d, "metric": "acc", "mean": 0.9,
+              "std": np.nan, "n": 1} for d in ("none", "A")]
+    layouts = split_layouts(pd.DataFrame(rows), {"attack": ["clean", "b1"]})
+    assert list(layouts) == ["A"]  # only a defense that reports γ
+    table = layouts["A"].set_index("attack")
+    assert list(table.columns) == ["cifar γ", "cifar ρ_vul", "tiny γ", "tiny ρ_vul"]
+    assert list(table.index) == ["clean", "b1"]
+    assert table.loc["b1", "cifar γ"] == "82.34 ± 1.00" and table.loc["b1", "tiny ρ_vul"] == "0.13 ± 0.00"
+    assert table.loc["clean", "tiny γ"] == "90.00 ± –"
+
+
 def test_a_numeric_sweep_becomes_curves_per_attack_and_a_figure(tmp_path):
     from poisonflow.figures import sweep_curves
     from poisonflow.stages.aggregate import sweep_curve_frames

@@ -504,6 +504,36 @@ def defense_layouts(annotated: pd.DataFrame, order: dict) -> dict:
     return layouts
 
 
+SPLITS_NOTE = ("Values in %, mean ± std over seeds (– : one seed). γ: the share of the released training set the "
+               "defense's split keeps; ρ_vul: the poison share among the kept samples (A-ABL Table 1). Rows: attacks; "
+               "columns: dataset (and training, where a dataset has several) × metric.")
+
+
+def split_layouts(annotated: pd.DataFrame, order: dict) -> dict:
+    """A splitting defense's split quality as A-ABL's Table 1: one table per defense that reports
+    ``gamma``; rows attacks, columns (dataset[, training]) × (γ, ρ_vul), mean ± std."""
+    layouts = {}
+    part = annotated[annotated["metric"].isin(["gamma", "rho_vul"])]
+    for defense, rows in part.groupby("defense", sort=False):
+        if "gamma" not in set(rows["metric"]):
+            continue
+        settings = list(dict.fromkeys(zip(rows["dataset"], rows["training"])))
+        several = {d for d, _ in settings if sum(1 for other, _ in settings if other == d) > 1}
+        label = {(d, t): f"{d} {t}" if d in several else d for d, t in settings}
+        cells = rows.set_index(["attack", "dataset", "training", "metric"])
+        table = []
+        for attack in _ordered(rows["attack"], order.get("attack", [])):
+            row = {"attack": attack}
+            for setting in settings:
+                for metric, name in (("gamma", "γ"), ("rho_vul", "ρ_vul")):
+                    key = (attack, *setting, metric)
+                    row[f"{label[setting]} {name}"] = (cell(cells.loc[key, "mean"], cells.loc[key, "std"])
+                                                       if key in cells.index else "–")
+            table.append(row)
+        layouts[defense] = pd.DataFrame(table)
+    return dict(sorted(layouts.items(), key=lambda item: _ordered(list(layouts), order.get("defense", [])).index(item[0])))
+
+
 # --------------------------------------------------------------------------------------------
 # Generation time (Snakemake benchmark files of the poison rule)
 # --------------------------------------------------------------------------------------------
@@ -876,6 +906,8 @@ def write_report(annotated: pd.DataFrame, order: dict, benchmarks: pd.DataFrame,
             header={c: display_name(c) for c in shown.columns})
     for (dataset, training), layout in defense_layouts(annotated, order).items():
         written += _write_table(layout, folder / f"defenses_{dataset}_{training}", LAYOUT_NOTE)
+    for defense, layout in split_layouts(annotated, order).items():
+        written += _write_table(layout, folder / f"splits_{defense}", SPLITS_NOTE)
     table = unlearnable_table(annotated, order)
     if table is not None:
         written += _write_table(table, folder / "unlearnable",
