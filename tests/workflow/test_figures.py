@@ -241,6 +241,32 @@ def test_sample_scores_job_draws_a_row_per_attack_with_its_thresholds(tmp_path, 
     assert main(["figures", "--spec", json.dumps({**spec, "scores": ["CE"]})] + args[3:] + ["--out", str(tmp_path / "u.png")]) == 2
 
 
+def test_report_draws_each_splitting_defenses_scores_from_its_lowest_seed(tmp_path, monkeypatch):
+    from poisonflow.figures import score_grid
+
+    paths, records = [], []
+    for attack in ("b", "a"):
+        for seed in (1, 0):
+            folder = tmp_path / f"defenses/d/{attack}/t/seed{seed}/A"
+            write_scores(folder, seed)
+            paths.append(folder / "metrics.json")
+            records.append(({"dataset": "d", "attack": attack, "training": "t", "seed": seed, "defense": "A"}, {}))
+    paths.append((tmp_path / "victims/d/a/t/seed0/metrics.json", "none"))  # a `kind: none` entry: no scores
+    records.append(({"dataset": "d", "attack": "a", "training": "t", "seed": 0, "defense": "none"}, {}))
+    (tmp_path / "defenses/d/a/t/seed0/FP").mkdir(parents=True)  # a defense without scores
+    paths.append(tmp_path / "defenses/d/a/t/seed0/FP/metrics.json")
+    records.append(({"dataset": "d", "attack": "a", "training": "t", "seed": 0, "defense": "FP"}, {}))
+    files = aggregate.score_files(records, paths)
+    assert files == {("d", "t", "A"): {"b": tmp_path / "defenses/d/b/t/seed0/A/scores.npz",
+                                       "a": tmp_path / "defenses/d/a/t/seed0/A/scores.npz"}}
+    drawn = {}
+    monkeypatch.setattr("poisonflow.figures.score_grid",
+                        lambda rows, out, title: drawn.update(rows) or score_grid(rows, out, title))
+    written = aggregate.write_score_figures(files, {"attack": ["a", "b"]}, tmp_path / "report")
+    assert written == ["scores_d_t_A.png", "scores_d_t_A.pdf"] and is_png(tmp_path / "report/scores_d_t_A.png")
+    assert list(drawn) == ["a", "b"]  # config order
+
+
 def test_score_grid_and_distributions_lay_panels_out(tmp_path):
     from PIL import Image
 

@@ -21,6 +21,11 @@ config (``--experiment``); a view is written only where the config has its struc
   and defense (TriggerUE, Tables 1, 3, 4, 5);
 - ``defenses_{dataset}_{training}.{csv,md}`` — rows attacks, columns defense × (ACC, ASR, RA, PGD,
   nDER), with the Average and Worst Case rows (A-ABL Table 3's and VSSC Tables 3–4's layout);
+- ``splits_{defense}.{csv,md}`` — a splitting defense's γ and ρ_vul, rows attacks, columns dataset
+  (A-ABL Table 1);
+- ``scores_{dataset}_{training}_{defense}.png`` — a splitting defense's per-sample scores, clean vs
+  poisoned with its thresholds, one row per attack, the lowest seed (the ``scores.npz`` beside each
+  defense model; A-ABL Figs. 4, 9, 11);
 - ``sweeps.{csv,md}`` — every value of a swept key (``{sweep: [...]}``, :mod:`poisonflow.sweeps`)
   with ACC and ASR, and the value of lowest mean ASR marked (the papers' choice, made on test data);
 - ``sweep_{entry}.png`` (and ``.csv``) — ASR, ACC and RA against a swept numeric key, one line per
@@ -863,11 +868,43 @@ DETECTION_NOTE = ("Classes the defense flagged as attack targets, per seed (D: d
                   "the attacks' target classes are in the config.")
 
 
+def score_files(records: list, paths: list) -> dict:
+    """(dataset, training, defense) → {attack: scores.npz} of the defenses that wrote per-sample
+    scores beside their metrics.json, the lowest seed of each attack."""
+    found = {}
+    for (keys, _), item in sorted(zip(records, paths), key=lambda pair: pair[0][0]["seed"]):
+        if isinstance(item, tuple):  # a victim's metrics (a `kind: none` entry): no scores
+            continue
+        scores = Path(item).with_name("scores.npz")
+        if scores.exists():
+            found.setdefault((keys["dataset"], keys["training"], keys["defense"]), {}).setdefault(keys["attack"], scores)
+    return found
+
+
+def write_score_figures(files: dict, order: dict, folder: Path) -> list[str]:
+    """One figure per (dataset, training, defense) of :func:`score_files`, a row per attack."""
+    from ..figures import score_grid
+    from .figures import read_sample_scores
+
+    written = []
+    for (dataset, training, defense), by_attack in files.items():
+        attacks = _ordered(list(by_attack), order.get("attack", []))
+        labels = unique_labels(attacks, [attack_label(a) for a in attacks])
+        rows = {label: read_sample_scores(by_attack[a], None, str(by_attack[a])) for label, a in zip(labels, attacks)}
+        png = folder / f"scores_{dataset}_{training}_{defense}.png"
+        score_grid(rows, png, f"{dataset}, {training}, {defense}: per-sample scores (lowest seed)")
+        written += _figure_files(png)
+    return written
+
+
 def write_report(annotated: pd.DataFrame, order: dict, benchmarks: pd.DataFrame, folder: Path,
                  sweeps: dict | None = None, detections: pd.DataFrame | None = None,
-                 runtime: pd.DataFrame | None = None, robustness: pd.DataFrame | None = None) -> list[str]:
+                 runtime: pd.DataFrame | None = None, robustness: pd.DataFrame | None = None,
+                 scores: dict | None = None) -> list[str]:
     """Write every view the config has the structure for into ``folder``; return the file names."""
     written: list[str] = []
+    if scores:
+        written += write_score_figures(scores, order, folder)
     if robustness is not None:
         written += write_robustness(robustness, folder)
     if runtime is not None:
@@ -950,5 +987,6 @@ def run(args) -> None:
                                 experiment, table, experiment.get("order", {}))
         written = write_report(annotate(summary, experiment), experiment.get("order", {}), benchmarks, report,
                                experiment.get("sweeps", {}), detection_rows(records), runtime,
-                               robustness_rows(getattr(args, "robustness", None) or [], results))
+                               robustness_rows(getattr(args, "robustness", None) or [], results),
+                               score_files(records, paths))
         print(f"{report}: " + (", ".join(written) or "no view applies"))
