@@ -172,8 +172,10 @@ def test_split_layout_is_table_1_attacks_by_dataset_gamma_and_rho():
                                ("clean", "gamma", 0.9, np.nan), ("clean", "rho_vul", 0.0, np.nan))]
     rows += [{"dataset": "cifar", "attack": "b1", "training": "r18", "defense": d, "metric": "acc", "mean": 0.9,
               "std": np.nan, "n": 1} for d in ("none", "A")]
+    rows += [{"dataset": "cifar", "attack": "b1", "training": "r18", "defense": "AT", "metric": m, "mean": v,
+              "std": np.nan, "n": 1} for m, v in (("gamma", 1.0), ("rho_vul", 0.1))]  # trains on every sample
     layouts = split_layouts(pd.DataFrame(rows), {"attack": ["clean", "b1"]})
-    assert list(layouts) == ["A"]  # only a defense that reports γ
+    assert list(layouts) == ["A"]  # only a defense that reports γ below 100%
     table = layouts["A"].set_index("attack")
     assert list(table.columns) == ["cifar γ", "cifar ρ_vul", "tiny γ", "tiny ρ_vul"]
     assert list(table.index) == ["clean", "b1"]

@@ -516,11 +516,12 @@ SPLITS_NOTE = ("Values in %, mean ± std over seeds (– : one seed). γ: the sh
 
 def split_layouts(annotated: pd.DataFrame, order: dict) -> dict:
     """A splitting defense's split quality as A-ABL's Table 1: one table per defense that reports
-    ``gamma``; rows attacks, columns (dataset[, training]) × (γ, ρ_vul), mean ± std."""
+    ``gamma`` below 1 somewhere; rows attacks, columns (dataset[, training]) × (γ, ρ_vul), mean ± std."""
     layouts = {}
     part = annotated[annotated["metric"].isin(["gamma", "rho_vul"])]
     for defense, rows in part.groupby("defense", sort=False):
-        if "gamma" not in set(rows["metric"]):
+        gamma = rows.loc[rows["metric"] == "gamma", "mean"]
+        if gamma.empty or (gamma >= 1.0).all():  # keeps every sample (trains on all of them): no split
             continue
         settings = list(dict.fromkeys(zip(rows["dataset"], rows["training"])))
         several = {d for d, _ in settings if sum(1 for other, _ in settings if other == d) > 1}
