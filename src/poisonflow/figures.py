@@ -331,36 +331,28 @@ def score_distributions(scores: dict, poisoned: np.ndarray, path: str | os.PathL
     clean and poisoned training samples in separate colours (counts on a log axis: the poisons are
     few), each threshold of ``thresholds`` drawn as a dashed line on its panel; two panels a row
     when there are more than two (before / after pairs)."""
-    plt = _pyplot()
-    poisoned = np.asarray(poisoned, dtype=bool)
-    thresholds = thresholds or {}
-    columns = len(scores) if len(scores) <= 2 else 2
-    rows = -(-len(scores) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
-    for ax in axes.flat[len(scores):]:
-        ax.set_visible(False)
-    for ax, (name, values) in zip(axes.flat, scores.items()):
-        _score_panel(ax, name, values, poisoned, thresholds.get(name))
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return save_figure(fig, path)
+    names = list(scores)
+    width = len(names) if len(names) <= 2 else 2
+    rows = {" " * i: ({name: scores[name] for name in names[start:start + width]}, poisoned, thresholds or {})
+            for i, start in enumerate(range(0, len(names), width))}  # distinct blank labels: no row titles
+    return score_grid(rows, path, title)
 
 
 def score_grid(rows: dict, path: str | os.PathLike, title: str = "") -> Path:
     """``rows``: row label (an attack) → (scores: name → per-sample values, poisoned flags,
-    thresholds: name → value). One row per label, one panel per score, as :func:`score_distributions`
-    draws them (A-ABL Figs. 4, 9 and 11: clean vs poisoned SCE before and after iFGSM, per attack)."""
+    thresholds: name → value). One row per label, one panel per score, clean and poisoned samples
+    apart (A-ABL Figs. 4, 9 and 11: clean vs poisoned SCE before and after iFGSM, per attack)."""
     plt = _pyplot()
     columns = max(len(scores) for scores, _, _ in rows.values())
-    fig, axes = plt.subplots(len(rows), columns, figsize=(4.2 * columns, 3.0 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(4.2 * columns, 3.2 * len(rows)), squeeze=False)
     for axes_row, (label, (scores, poisoned, thresholds)) in zip(axes, rows.items()):
         poisoned = np.asarray(poisoned, dtype=bool)
         for ax in axes_row[len(scores):]:
             ax.set_visible(False)
         for ax, (name, values) in zip(axes_row, scores.items()):
             _score_panel(ax, name, values, poisoned, thresholds.get(name))
-            ax.set_title(label, fontsize=10)
+            if label.strip():
+                ax.set_title(label, fontsize=10)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -334,18 +334,14 @@ class Plan:
         return {"clean": f"{self.results}/data/{entry['dataset']}.zarr",
                 "dynamics": f"{self.results}/surrogates/{entry['dataset']}/{entry['surrogate']}/dynamics.npz"}
 
-    def curves_inputs(self, wildcards) -> dict:
-        """The models of a learning-curves figure, the victims' or a defense's (curves.csv is written
-        beside each model.pt)."""
+    def figure_models(self, wildcards) -> dict:
+        """The models a learning-curves or sample-scores figure reads beside (curves.csv, scores.npz):
+        the victims', or its ``defense``'s, one per attack."""
         entry = self.figures[wildcards.figure]
         if "defense" not in entry:
             return {"victims": self.tsne_inputs(wildcards)["victims"]}
         return {"victims": [f"{self.results}/defenses/{entry['dataset']}/{a}/{entry['training']}/seed{entry['seed']}"
                             f"/{entry['defense']}/model.pt" for a in entry["attacks"]]}
-
-    def scores_inputs(self, wildcards) -> dict:
-        """The models of a sample-scores figure's defense, one per attack (scores.npz is beside each)."""
-        return self.curves_inputs(wildcards)
 
     def figure_robustness(self, wildcards) -> str:
         """The robustness entries a figure's ``distortions`` name (JSON), for ``--robustness``."""

@@ -117,7 +117,7 @@ rule figure_curves:
     conda:
         "../envs/poisonflow.yaml"
     input:
-        unpack(PLAN.curves_inputs),
+        unpack(PLAN.figure_models),
     output:
         report(f"{RESULTS}/figures/learning-curves/{{figure}}.png", caption="../report/curves.rst",
                category="Figures", subcategory="learning curves", labels={"figure": "{figure}"}),
@@ -142,7 +142,7 @@ rule figure_scores:
     conda:
         "../envs/poisonflow.yaml"
     input:
-        unpack(PLAN.scores_inputs),
+        unpack(PLAN.figure_models),
     output:
         report(f"{RESULTS}/figures/sample-scores/{{figure}}.png", caption="../report/scores.rst",
                category="Figures", subcategory="per-sample scores", labels={"figure": "{figure}"}),

@@ -519,7 +519,8 @@ def split_layouts(annotated: pd.DataFrame, order: dict) -> dict:
     ``gamma`` below 1 somewhere; rows attacks, columns (dataset[, training]) × (γ, ρ_vul), mean ± std."""
     layouts = {}
     part = annotated[annotated["metric"].isin(["gamma", "rho_vul"])]
-    for defense, rows in part.groupby("defense", sort=False):
+    for defense in _ordered(part["defense"], order.get("defense", [])):
+        rows = part[part["defense"] == defense]
         gamma = rows.loc[rows["metric"] == "gamma", "mean"]
         if gamma.empty or (gamma >= 1.0).all():  # keeps every sample (trains on all of them): no split
             continue
@@ -537,7 +538,7 @@ def split_layouts(annotated: pd.DataFrame, order: dict) -> dict:
                                                        if key in cells.index else "–")
             table.append(row)
         layouts[defense] = pd.DataFrame(table)
-    return dict(sorted(layouts.items(), key=lambda item: _ordered(list(layouts), order.get("defense", [])).index(item[0])))
+    return layouts
 
 
 # --------------------------------------------------------------------------------------------
